@@ -1,0 +1,54 @@
+# Two commands for a newcomer: `make book` and `make test`. Everything else here serves them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# Kernels started from notebooks/ must import the package from this checkout.
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH),)
+# The MovieLens archives shipped beside the repository (tests and CI); readers download from GroupLens.
+ifneq ($(wildcard ../shared/data/ml-100k.zip),)
+export MFUTILS_DATA_MIRROR ?= $(abspath ../shared/data)
+endif
+# Stored notebook outputs are bit-reproducible at a fixed thread count: one per process, everywhere
+# outputs are produced or checked (the test run uses two processes on two cores).
+REPRO_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TQDM_DISABLE=1 PYDEVD_DISABLE_FILE_VALIDATION=1
+
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+
+.PHONY: help setup book test execute bench clean
+
+help:
+	@echo "make book     set up .venv and build the HTML book into _build/html (offline, seconds after setup)"
+	@echo "make test     set up .venv and run every test: mfutils, nbval over all notebooks, the book in a browser"
+	@echo "make execute  (authors) re-execute every notebook and rewrite its stored outputs"
+	@echo "make clean    remove _build"
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt -e .
+	$(BIN)/python -c 'import shutil, sys, torch; sys.exit(0 if torch.version.cuda is None or shutil.which("nvidia-smi") else "a CUDA build of torch was installed on a machine without an NVIDIA GPU: remove .venv and install the CPU wheel, pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu")'
+	touch $@
+
+book: $(STAMP)
+	$(BIN)/jupyter-book build . --builder html -W -n --keep-going
+	@echo "Open _build/html/index.html in a browser."
+
+test: $(STAMP)
+	$(REPRO_ENV) $(BIN)/python -m pytest notebooks tests -n 2 --dist loadfile \
+	  --nbval --nbval-current-env --nbval-cell-timeout=300 \
+	  --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider -ra $(PYTEST_ARGS)
+
+execute: $(STAMP)
+	$(REPRO_ENV) $(BIN)/python -m jupyter nbconvert --to notebook --execute --inplace \
+	  --ExecutePreprocessor.timeout=300 --ExecutePreprocessor.record_timing=False \
+	  --ExecutePreprocessor.kernel_name=python3 $(if $(NB),$(NB),$(NOTEBOOKS))
+
+clean:
+	rm -rf _build

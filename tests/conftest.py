@@ -1,0 +1,38 @@
+"""Shared fixtures. Tests run at one thread per process, so float results are bit-reproducible."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+torch.set_num_threads(1)
+# The data layer looks for archives here before downloading; point it at the copies beside the repo.
+if "MFUTILS_DATA_MIRROR" not in os.environ and (SHARED_DATA / "ml-100k.zip").is_file():
+    os.environ["MFUTILS_DATA_MIRROR"] = str(SHARED_DATA)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20260101)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request) -> torch.device:
+    """Every device this machine has: cuda cases skip where CUDA is absent."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA is not available on this machine")
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def small_matrix() -> torch.Tensor:
+    """A hand-checkable 3x4 rating matrix; 0 marks a missing entry."""
+    return torch.tensor([[5.0, 3.0, 0.0, 1.0],
+                         [4.0, 0.0, 0.0, 1.0],
+                         [1.0, 1.0, 0.0, 5.0]])

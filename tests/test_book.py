@@ -1,0 +1,157 @@
+"""The book as a reader sees it: built with -W, served locally, opened in headless Chromium."""
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+
+def toc_files() -> list[str]:
+    """Every document in _toc.yml, root first, in reading order."""
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    found = [toc["root"]]
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "file" in node:
+                found.append(node["file"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(toc.get("parts", []))
+    return found
+
+
+def image_outputs(notebook: Path) -> int:
+    """Number of figures stored in a notebook's outputs (cells removed from the page excluded)."""
+    nb = json.loads(notebook.read_text())
+    count = 0
+    for cell in nb["cells"]:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if cell["cell_type"] != "code" or "remove-output" in tags or "remove-cell" in tags:
+            continue
+        count += sum("image/png" in out.get("data", {}) for out in cell.get("outputs", []))
+    return count
+
+
+@pytest.fixture(scope="module")
+def built_book(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("book")
+    jb = Path(sys.executable).with_name("jupyter-book")
+    proc = subprocess.run([str(jb), "build", str(ROOT), "--path-output", str(out), "--builder", "html",
+                           "-W", "-n", "--keep-going"], capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "WARNING" not in log, f"book build failed or warned:\n{log[-4000:]}"
+    return out / "_build" / "html"
+
+
+@pytest.fixture(scope="module")
+def server(built_book):
+    handler = functools.partial(_QuietHandler, directory=str(built_book))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        message = ("Chromium is not installed, so the book was not checked in a browser; "
+                   "install it (Debian/Ubuntu: apt-get install chromium) and rerun make test")
+        if os.environ.get("MFUTILS_REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield chromium
+        chromium.close()
+
+
+def open_page(browser, url: str):
+    """Load a page with every request outside this machine blocked; return (page, outside, js_errors)."""
+    page = browser.new_page()
+    outside, js_errors = [], []
+
+    def route(r):
+        if r.request.url.startswith("http://127.0.0.1"):
+            r.continue_()
+        else:
+            outside.append(r.request.url)
+            r.abort()
+
+    page.route("**/*", route)
+    page.on("pageerror", lambda exc: js_errors.append(str(exc)))
+    response = page.goto(url, wait_until="load")
+    assert response is not None and response.ok, f"{url} did not load: {response and response.status}"
+    page.evaluate("() => window.MathJax && MathJax.startup ? MathJax.startup.promise : null")
+    return page, outside, js_errors
+
+
+def test_index_redirects_to_the_introduction(browser, server):
+    page = browser.new_page()
+    page.goto(server + "/index.html")
+    page.wait_for_url("**/book/intro.html")
+    assert "Matrix factorization in PyTorch" in page.title()
+
+
+@pytest.mark.parametrize("doc", toc_files())
+def test_page_renders_for_a_reader(browser, server, doc):
+    page, outside, js_errors = open_page(browser, f"{server}/{doc}.html")
+    body = page.inner_text("article")
+    assert len(body) > 200, f"{doc}: page body is nearly empty"
+    assert "Traceback (most recent call last)" not in body, f"{doc}: a traceback is shown"
+    shown_errors = page.locator(".output.traceback, .output.error, .output.stderr, .system-message").count()
+    assert shown_errors == 0, f"{doc}: {shown_errors} error or stderr outputs are shown"
+    assert not js_errors, f"{doc}: JavaScript errors {js_errors}"
+    assert not outside, f"{doc}: requested resources outside the book: {outside[:5]}"
+
+    n_math = page.locator("article .math").count()
+    if n_math:
+        assert page.evaluate("() => MathJax.version") == "3.2.2"
+        typeset = page.locator("article mjx-container").count()
+        assert typeset >= n_math, f"{doc}: {n_math} math elements but only {typeset} typeset"
+
+    source = ROOT / f"{doc}.ipynb"
+    if source.is_file():
+        expected = image_outputs(source)
+        assert expected >= 1, f"{doc}: a chapter should show at least one figure"
+        images = page.locator("article .cell_output img")
+        assert images.count() == expected, f"{doc}: {images.count()} images shown, {expected} stored"
+        for k in range(images.count()):
+            width = images.nth(k).evaluate("img => img.complete ? img.naturalWidth : 0")
+            assert width > 0, f"{doc}: figure {k + 1} did not load"
+    page.close()
+
+
+def test_some_page_typesets_math(browser, server):
+    page, _, _ = open_page(browser, f"{server}/book/intro.html")
+    assert page.locator("article mjx-container").count() >= 2
