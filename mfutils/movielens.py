@@ -242,7 +242,7 @@ def _download(name: str, spec: _Spec, root: Path, archive: Path, progress: bool)
                 with urllib.request.urlopen(url, timeout=60) as response:
                     total = int(response.headers.get("Content-Length") or 0) or None
                     with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {name}",
-                              **({"disable": True} if disable else {})) as bar:
+                              disable=disable) as bar:  # explicit: tqdm reads TQDM_DISABLE only at import
                         while chunk := response.read(_CHUNK):
                             out.write(chunk)
                             received += len(chunk)

@@ -22,11 +22,17 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(20260101)
 
 
-@pytest.fixture(params=["cpu", "cuda"])
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_report_header(config) -> str:
+    missing = "" if "cuda" in DEVICES else " (CUDA is not available here: device tests ran on the CPU only)"
+    return f"mfutils devices under test: {', '.join(DEVICES)}{missing}; torch threads: {torch.get_num_threads()}"
+
+
+@pytest.fixture(params=DEVICES)
 def device(request) -> torch.device:
-    """Every device this machine has: cuda cases skip where CUDA is absent."""
-    if request.param == "cuda" and not torch.cuda.is_available():
-        pytest.skip("CUDA is not available on this machine")
+    """Every device this machine has; the report header says which ones ran."""
     return torch.device(request.param)
 
 
