@@ -116,6 +116,14 @@ def open_page(browser, url: str):
     return page, outside, js_errors
 
 
+def test_book_builds_with_no_warnings(built_book):
+    """Runs without a browser too: the -W build itself is the check (see the built_book fixture)."""
+    pages = {p.relative_to(built_book).as_posix() for p in built_book.rglob("*.html")}
+    missing = [f"{doc}.html" for doc in toc_files() if f"{doc}.html" not in pages]
+    assert not missing, f"pages in _toc.yml that were not built: {missing}"
+    assert (built_book / "_static" / "mathjax" / "tex-svg-full.js").is_file(), "MathJax was not copied"
+
+
 def test_index_redirects_to_the_introduction(browser, server):
     page = browser.new_page()
     page.goto(server + "/index.html")
