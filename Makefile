@@ -25,6 +25,7 @@ help:
 	@echo "make book     set up .venv and build the HTML book into _build/html (offline, seconds after setup)"
 	@echo "make test     set up .venv and run every test: mfutils, nbval over all notebooks, the book in a browser"
 	@echo "make execute  (authors) re-execute every notebook and rewrite its stored outputs"
+	@echo "make bench    (on demand) benchmark the CLI default against Surprise on the ml-100k folds"
 	@echo "make clean    remove _build"
 
 setup: $(STAMP)
@@ -49,6 +50,10 @@ execute: $(STAMP)
 	$(REPRO_ENV) $(BIN)/python -m jupyter nbconvert --to notebook --execute --inplace \
 	  --ExecutePreprocessor.timeout=300 --ExecutePreprocessor.record_timing=False \
 	  --ExecutePreprocessor.kernel_name=python3 $(if $(NB),$(NB),$(NOTEBOOKS))
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -r requirements-bench.txt
+	$(BIN)/python -m mfutils.bench folds --out book/results/folds.json
 
 clean:
 	rm -rf _build

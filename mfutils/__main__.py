@@ -1,13 +1,11 @@
-"""``python -m mfutils``: command-line entry point (filled in by the CLI module)."""
+"""``python -m mfutils``: the command-line entry point (see :mod:`mfutils.cli`)."""
 from __future__ import annotations
 
 import sys
 
+from mfutils.cli import main
 
-def main(argv: list[str] | None = None) -> int:
-    print("error: no command yet", file=sys.stderr)
-    return 2
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,394 @@
+r"""``python -m mfutils train``: fit a matrix factorization to a ratings file and score it on held-out rows.
+
+Everything a reader's own file needs happens here: detect the format, parse with pandas, resolve duplicate
+ratings, number the ids, hold out a test set, train with good defaults, predict (unknown users and items
+included), and report. Bad input ends with exit code 2 and one ``error: ...`` line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mfutils import __version__
+from mfutils.data import RatingData
+
+__all__ = ["main", "build_parser", "read_ratings", "dedupe", "fit_predict", "RatingsTable", "UsageError"]
+
+DEFAULTS = {  # per method: rank, reg, epochs (chosen on validation splits of ml-100k u*.base)
+    "bpmf": {"rank": 8, "reg": None, "epochs": 40},
+    "als": {"rank": 20, "reg": 0.15, "epochs": 15},
+    "sgd": {"rank": 50, "reg": 0.05, "epochs": 40},
+    "adam": {"rank": 50, "reg": 0.1, "epochs": 30},
+}
+_SEPARATORS = {"::": "'::' (like ratings.dat)", "\t": "tabs (like u.data)", ",": "commas (CSV)",
+               r"\s+": "spaces"}
+
+
+class UsageError(Exception):
+    """Bad input from the command line or a file: reported as one ``error:`` line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class RatingsTable:
+    """A parsed ratings file: raw id tokens, float64 ratings, int64 timestamps (or None), file line numbers."""
+
+    user: np.ndarray
+    item: np.ndarray
+    rating: np.ndarray
+    timestamp: np.ndarray | None
+    line: np.ndarray
+    path: str
+
+    def take(self, index: np.ndarray) -> RatingsTable:
+        ts = None if self.timestamp is None else self.timestamp[index]
+        return RatingsTable(self.user[index], self.item[index], self.rating[index], ts, self.line[index], self.path)
+
+
+def _sniff(data: bytes, path: str, line: int) -> tuple[str, bool, int]:
+    """Separator, whether the first line is a header (its third field is a word), and the column count."""
+    first = data.split(b"\n", 1)[0].decode("utf-8", "replace").rstrip("\r")
+    sep = next((s for s in ("::", "\t", ",") if s in first), r"\s+")
+    fields = first.split() if sep == r"\s+" else first.split(sep)
+    if len(fields) < 3:
+        raise UsageError(f"{path} line {line}: found {len(fields)} column(s) separated by {_SEPARATORS[sep]}, "
+                         f"but each row needs user, item, rating[, timestamp]")
+    third = fields[2].strip().strip("'\"")
+    try:
+        float(third)
+        header = False
+    except ValueError:
+        header = any(c.isalpha() for c in third)  # "rating" is a header; "" or "4,5" are bad data
+    return sep, header, len(fields)
+
+
+def read_ratings(path: str) -> RatingsTable:
+    r"""Parse ``user, item, rating[, timestamp]`` rows: CSV with a header, tab-separated, ``::``-separated
+    or whitespace-separated (detected from the first line; a header is recognised by a non-numeric third
+    field). Ids are kept as strings; extra columns after the fourth are ignored.
+
+    Raises:
+        UsageError: unreadable, empty or header-only file; too few columns; a missing or non-numeric
+            field; a NaN or infinite rating (the message names the file and line).
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not data.strip():
+        raise UsageError(f"{path} is empty: expected rows of user, item, rating[, timestamp]")
+    body = data.lstrip()
+    skipped, data = data[:len(data) - len(body)].count(b"\n"), body  # leading blank lines
+    sep, header, n_cols = _sniff(data, path, skipped + 1)
+    if sep == "::":
+        data, sep = data.replace(b"::", b"\t"), "\t"
+    frame = _parse(data, sep, header, n_cols, path, skipped)
+    if len(frame) == 0:
+        raise UsageError(f"{path} has a header line but no ratings")
+    _check_numbers(frame, data, sep, header, n_cols, path, skipped)
+    ts = frame[3].to_numpy(np.int64) if n_cols >= 4 else None
+    return RatingsTable(frame[0].to_numpy(object), frame[1].to_numpy(object), frame[2].to_numpy(np.float64), ts,
+                        frame.index.to_numpy() + 1 + header + skipped, path)
+
+
+def _read(data: bytes, sep: str, header: bool, n_cols: int, dtype) -> pd.DataFrame:
+    frame = pd.read_csv(io.BytesIO(data), sep=sep, header=None, skiprows=int(header), names=range(n_cols),
+                        usecols=range(min(n_cols, 4)), dtype=dtype, skip_blank_lines=False,
+                        keep_default_na=False, na_values=[""], encoding_errors="surrogateescape")
+    return frame.dropna(how="all")  # blank lines; the index still counts every line
+
+
+def _parse(data: bytes, sep: str, header: bool, n_cols: int, path: str, skipped: int) -> pd.DataFrame:
+    dtype = {0: str, 1: str, 2: np.float64, 3: np.float64}
+    try:
+        return _read(data, sep, header, n_cols, dtype)
+    except pd.errors.ParserError as exc:
+        raise UsageError(f"{path}: {str(exc).replace('Error tokenizing data. C error: ', '').strip()}") from None
+    except ValueError:  # a non-numeric rating or timestamp: re-read as text to say where
+        frame = _read(data, sep, header, n_cols, str)
+        for col, name in ((2, "rating"), (3, "timestamp")):
+            if col in frame:
+                bad = pd.to_numeric(frame[col], errors="coerce").isna() & frame[col].notna()
+                if bad.any():
+                    row = bad.idxmax()
+                    raise UsageError(f"{path} line {row + 1 + header + skipped}: {name} {_what(frame[col][row])}")
+        raise
+
+
+def _what(raw: str | float) -> str:
+    """Why a numeric field was rejected, e.g. ``'nan' is not a finite number``."""
+    if pd.isna(raw):
+        return "is missing"
+    try:
+        float(raw)
+        return f"{raw!r} is not a finite number"
+    except ValueError:
+        return f"{raw!r} is not a number"
+
+
+def _check_numbers(frame: pd.DataFrame, data: bytes, sep: str, header: bool, n_cols: int, path: str,
+                   skipped: int) -> None:
+    for col, name in ((0, "user"), (1, "item"), (2, "rating"), (3, "timestamp")):
+        if col not in frame:
+            continue
+        bad = frame[col].isna().to_numpy(copy=True)
+        if col >= 2:
+            bad |= ~np.isfinite(frame[col].to_numpy(np.float64, na_value=np.nan))
+        if bad.any():
+            row = frame.index[bad.argmax()]
+            raw = _read(data, sep, header, n_cols, str)[col][row]
+            raise UsageError(f"{path} line {row + 1 + header + skipped}: {name} {_what(raw)}")
+
+
+def dedupe(table: RatingsTable) -> tuple[RatingsTable, int]:
+    """Keep one rating per (user, item): the latest by timestamp, ties and timestamp-less files by file order."""
+    frame = pd.DataFrame({"user": table.user, "item": table.item,
+                          "ts": table.timestamp if table.timestamp is not None else 0})
+    order = frame.sort_values("ts", kind="stable").index  # stable: later lines stay later among equal ts
+    keep = ~frame.loc[order].duplicated(["user", "item"], keep="last")
+    index = np.sort(order[keep.to_numpy()].to_numpy())
+    return table.take(index), len(table.rating) - len(index)
+
+
+def to_rating_data(table: RatingsTable) -> RatingData:
+    """Number users and items in sorted order of their raw tokens (``RatingData``'s convention)."""
+    u_codes, user_ids = _number(table.user)
+    i_codes, item_ids = _number(table.item)
+    ts = table.timestamp if table.timestamp is not None else np.zeros(len(table.rating), np.int64)
+    return RatingData(user_idx=torch.from_numpy(u_codes), item_idx=torch.from_numpy(i_codes),
+                      rating=torch.from_numpy(table.rating.astype(np.float32)),
+                      timestamp=torch.from_numpy(np.array(ts, dtype=np.int64)),
+                      user_ids=user_ids, item_ids=item_ids, name=os.path.basename(table.path))
+
+
+def _number(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    codes, uniques = pd.factorize(tokens)  # hashing: fast on millions of strings
+    order = np.argsort(uniques.astype(str), kind="stable")  # (n_unique,)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return rank[codes].astype(np.int64), np.asarray(uniques, dtype=object)[order]
+
+
+def _holdout(table: RatingsTable, frac: float, seed: int) -> tuple[RatingsTable, RatingsTable]:
+    n = len(table.rating)
+    n_test = int(round(frac * n))
+    if not 0 < n_test < n:
+        raise UsageError(f"--test-frac {frac} of {n:,} rating(s) in {table.path} leaves {n_test} test and "
+                         f"{n - n_test} training rows; both need at least one")
+    perm = np.random.default_rng(seed).permutation(n)
+    return table.take(np.sort(perm[n_test:])), table.take(np.sort(perm[:n_test]))
+
+
+def _fit(method: str, train: RatingData, rank: int, reg: float | None, epochs: int, seed: int,
+         device: torch.device):
+    """Train one method with the CLI's settings; returns a BiasedMF (for bpmf, its posterior mean)."""
+    from mfutils.bpmf import fit_bpmf
+    from mfutils.models import BiasedMF
+    from mfutils.train import fit_als, fit_sgd
+
+    if method == "bpmf":
+        n_burnin = epochs // 5
+        return fit_bpmf(train, n_factors=rank, n_samples=epochs - n_burnin, n_burnin=n_burnin, seed=seed,
+                        device=device)[0]
+    model = BiasedMF(train.n_users, train.n_items, rank, global_mean=float(train.rating.mean()), seed=seed,
+                     device=device)
+    if method == "als":
+        fit_als(model, train, reg=reg, n_epochs=epochs, device=device)
+    else:
+        fit_sgd(model, train, optimizer=method, reg=reg, n_epochs=epochs, seed=seed, device=device,
+                **({"batch_size": 4096} if method == "adam" else {}))
+    return model
+
+
+def fit_predict(train_table: RatingsTable, test_table: RatingsTable, *, method: str = "bpmf",
+                rank: int | None = None, reg: float | None = None, epochs: int | None = None, seed: int = 0,
+                device: str | torch.device = "cpu") -> tuple[np.ndarray, dict]:
+    """Number the training ids, fit, and predict every test row (unseen ids fall back to biases).
+
+    Returns:
+        float32 predictions aligned with ``test_table`` (clipped to the training rating range), and facts
+        about the run (``n_train``, ``fit_seconds``, ``predict_seconds``, ``n_test_unknown`` ...).
+    """
+    from mfutils.train import resolve_device
+
+    rank, reg, epochs = (DEFAULTS[method][k] if v is None else v for k, v in
+                         (("rank", rank), ("reg", reg), ("epochs", epochs)))
+    device, start = resolve_device(device), time.perf_counter()
+    train = to_rating_data(train_table)
+    model = _fit(method, train, rank, reg, epochs, seed, device)
+    fit_seconds, start = time.perf_counter() - start, time.perf_counter()
+    user_idx = pd.Index(train.user_ids).get_indexer(test_table.user)  # (n_test,), -1 = unseen
+    item_idx = pd.Index(train.item_ids).get_indexer(test_table.item)
+    low, high = float(train.rating.min()), float(train.rating.max())
+    pred = model.predict(torch.from_numpy(user_idx), torch.from_numpy(item_idx), clip=(low, high))
+    pred = pred.cpu().numpy()
+    return pred, {"n_train": train.n_ratings, "n_users": train.n_users, "n_items": train.n_items,
+                  "n_test": len(pred), "n_test_unknown": int(((user_idx < 0) | (item_idx < 0)).sum()),
+                  "fit_seconds": fit_seconds, "predict_seconds": time.perf_counter() - start,
+                  "method": method, "rank": rank, "reg": reg, "epochs": epochs, "seed": seed,
+                  "device": str(device), "rating_range": [low, high]}
+
+
+def write_predictions(path: str, test: RatingsTable, pred: np.ndarray) -> None:
+    """Write ``user,item,prediction`` atomically: a temp file in the same folder, then a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    frame = pd.DataFrame({"user": test.user, "item": test.item, "prediction": pred})
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".mfutils-", suffix=".csv.tmp")
+    except OSError as exc:
+        raise UsageError(f"cannot write predictions to {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+            frame.to_csv(f, index=False, float_format="%.4f")
+        os.replace(tmp, path)
+    except OSError as exc:
+        os.unlink(tmp)
+        raise UsageError(f"cannot write predictions to {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _train_command(args: argparse.Namespace) -> dict:
+    """Run ``train``: read, dedupe, split, fit, predict, score; returns the JSON-able summary."""
+    from mfutils.metrics import mae, rmse
+    from mfutils.train import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as exc:  # --device cuda on a machine without CUDA
+        raise UsageError(str(exc).replace("resolve_device(): ", "--device: ")) from None
+    table, n_dupes = dedupe(read_ratings(args.ratings))
+    if args.test is not None:
+        train_table, test_table = table, read_ratings(args.test)
+    else:
+        train_table, test_table = _holdout(table, args.test_frac, args.seed)
+    pred, facts = fit_predict(train_table, test_table, method=args.method, rank=args.rank, reg=args.reg,
+                              epochs=args.epochs, seed=args.seed, device=device)
+    if args.predictions:
+        write_predictions(args.predictions, test_table, pred)
+    pred, target = torch.from_numpy(pred), torch.from_numpy(test_table.rating.astype(np.float32))
+    return {"rmse": rmse(pred, target), "mae": mae(pred, target), **facts, "n_duplicates_dropped": n_dupes,
+            "ratings": args.ratings, "test": args.test, "test_frac": None if args.test else args.test_frac,
+            "predictions": args.predictions, "mfutils": __version__, "torch": torch.__version__}
+
+
+def _summary(result: dict) -> str:
+    reg = "" if result["reg"] is None else f", reg {result['reg']:g}"
+    epochs = f"{result['epochs']} {'sweeps' if result['method'] == 'bpmf' else 'epochs'}"
+    return (f"trained {result['method']} (rank {result['rank']}{reg}, {epochs}) on "
+            f"{result['n_train']:,} ratings ({result['n_users']:,} users x {result['n_items']:,} items) in "
+            f"{result['fit_seconds']:.2f} s on {result['device']}\n"
+            f"test: {result['n_test']:,} ratings ({result['n_test_unknown']:,} with an unseen user or item): "
+            f"RMSE {result['rmse']:.4f}, MAE {result['mae']:.4f}")
+
+
+def _number_type(kind: type, low: float, *, low_open: bool = False, high: float | None = None):
+    """An argparse ``type=`` that parses ``kind`` and checks ``low <=`` (or ``<``) value (``< high``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a{'n integer' if kind is int else ' number'}, "
+                                             f"got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or (high is not None and value >= high):
+            bound = f"{'>' if low_open else '>='} {low:g}" + (f" and < {high:g}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}")
+        return value
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block: main() prints it as "error: ..."
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+_EPILOG = """\
+input files: one rating per row, columns user, item, rating[, timestamp] (by position; more are ignored).
+  CSV with a header (ratings.csv), tab-separated (u.data), '::'-separated (ratings.dat) or space-separated;
+  detected from the first line. Ids are any tokens; ratings any numeric scale.
+duplicates: if RATINGS rates the same (user, item) twice, the latest rating by timestamp is kept (by file
+  order when timestamps tie or are absent); this happens before --test-frac splits. TEST rows are all kept.
+unknown ids: a TEST user or item that is not in training is predicted from the item bias, the user bias or
+  the global mean. Predictions are clipped to the training rating range.
+defaults (rank, reg, epochs): bpmf 8, -, 40 (8 burn-in + 32 averaged sweeps); als 20, 0.15, 15;
+  sgd 50, 0.05, 40; adam 50, 0.1, 30.
+exit status: 0 on success, 2 on bad input (one 'error:' line on stderr), 1 on an unexpected failure."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mfutils", description="Matrix factorization for collaborative filtering.")
+    parser.add_argument("--version", action="version", version=f"mfutils {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = commands.add_parser("train", help="fit a model to a ratings file and score it on test ratings",
+                                epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("ratings", metavar="RATINGS", help="training ratings file")
+    held_out = train.add_mutually_exclusive_group()
+    held_out.add_argument("--test", metavar="TEST", help="test ratings file (same formats)")
+    held_out.add_argument("--test-frac", type=_number_type(float, 0, low_open=True, high=1), default=0.2,
+                          metavar="F", help="without --test: hold out this fraction of RATINGS (default 0.2)")
+    train.add_argument("--method", choices=sorted(DEFAULTS), default="bpmf",
+                       help="bpmf (default: Bayesian MF by Gibbs sampling), als, sgd or adam")
+    train.add_argument("--rank", type=_number_type(int, 1), metavar="K", help="number of latent factors")
+    train.add_argument("--reg", type=_number_type(float, 0), metavar="L", help="L2 strength λ (not bpmf)")
+    train.add_argument("--epochs", type=_number_type(int, 1), metavar="N", help="epochs, sweeps for bpmf")
+    train.add_argument("--seed", type=int, default=0, metavar="S", help="seed for split, init, sampling")
+    train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
+    train.add_argument("--predictions", metavar="OUT.csv", help="write user,item,prediction per test row")
+    train.add_argument("--json", action="store_true", help="end stdout with one JSON line of results")
+    return parser
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.method == "bpmf" and args.reg is not None:
+        raise UsageError("--reg does not apply to --method bpmf (its prior is learned); drop it or use als/sgd/adam")
+    for key, value in DEFAULTS[args.method].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.method == "als" and args.reg == 0:
+        raise UsageError("--method als needs --reg > 0 (each least-squares system is singular without it)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m mfutils`` and the ``mfutils`` script; returns the exit status."""
+    try:
+        args = _parse_args(argv)
+        result = _train_command(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # the library's own boundary checks
+        if os.environ.get("MFUTILS_DEBUG"):
+            raise
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:  # sgd/adam diverged
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - no traceback for users; MFUTILS_DEBUG=1 shows it
+        if os.environ.get("MFUTILS_DEBUG"):
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with MFUTILS_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1
+    print(_summary(result))
+    if args.json:
+        print(json.dumps(result))
+    return 0

@@ -1,0 +1,392 @@
+r"""Trainers for :class:`~mfutils.models.BiasedMF`: minibatch SGD/Adam (:func:`fit_sgd`) and ALS (:func:`fit_als`).
+
+Both minimise the same per-rating objective (see :class:`~mfutils.models.BiasedMF`),
+
+.. math:: L = \frac1N \sum_{(u,i)} \Big[(r_{ui} - \hat r_{ui})^2
+          + \lambda\,(\lVert p_u\rVert^2 + \lVert q_i\rVert^2 + b_u^2 + b_i^2)\Big],
+
+take the same keyword names (``reg``, ``n_epochs``, ``device``, ``val``, ``callback`` …) and return the same
+:class:`History`, so plots and metrics never care which one ran.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+
+from mfutils.data import RatingData
+from mfutils.models import BiasedMF
+
+__all__ = ["History", "resolve_device", "make_generator", "seed_everything", "fit_sgd", "fit_als",
+           "als_half_step"]
+
+_EVAL_CHUNK = 1 << 18
+
+
+@dataclass(frozen=True)
+class History:
+    r"""Per-epoch record of a fit; every list has one entry per finished epoch (epoch ``e`` is index ``e``).
+
+    Attributes:
+        method: which trainer/optimizer ran, e.g. ``"sgd"``, ``"adam"``, ``"als"``.
+        train_loss: the objective :math:`L` (squared error plus λ term, per rating) in each epoch.
+        train_rmse: RMSE on the training ratings in each epoch (SGD: accumulated during the epoch).
+        val_rmse: RMSE on ``val`` after each epoch (``nan`` when no ``val`` was given).
+        seconds: wall-clock seconds of each epoch, evaluation included.
+    """
+
+    method: str = ""
+    train_loss: list[float] = field(default_factory=list)
+    train_rmse: list[float] = field(default_factory=list)
+    val_rmse: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    def append(self, *, train_loss: float, train_rmse: float, val_rmse: float, seconds: float) -> History:
+        """A new History with one more epoch (this one is left unchanged)."""
+        return replace(self, train_loss=[*self.train_loss, train_loss], train_rmse=[*self.train_rmse, train_rmse],
+                       val_rmse=[*self.val_rmse, val_rmse], seconds=[*self.seconds, seconds])
+
+    @property
+    def n_epochs(self) -> int:
+        return len(self.train_loss)
+
+    @property
+    def best_epoch(self) -> int:
+        """Index of the lowest ``val_rmse`` (or of the lowest ``train_loss`` when there is no validation)."""
+        curve = self.val_rmse if any(math.isfinite(v) for v in self.val_rmse) else self.train_loss
+        return int(np.nanargmin(curve)) if curve else -1
+
+    def as_dict(self) -> dict[str, list[float]]:
+        """Equal-length columns (``epoch`` first), ready for ``pandas.DataFrame`` or plotting."""
+        return {"epoch": list(range(self.n_epochs)), "train_loss": self.train_loss,
+                "train_rmse": self.train_rmse, "val_rmse": self.val_rmse, "seconds": self.seconds}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → cuda if available, else cpu; an explicit device always wins (and must exist)."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"resolve_device(): unknown device {device!r}; use 'auto', 'cpu' or 'cuda'") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"resolve_device(): device={str(device)!r} was requested but CUDA is not available "
+                           f"(torch {torch.__version__}); use device='auto' or 'cpu'")
+    return resolved
+
+
+def make_generator(seed: int) -> torch.Generator:
+    """A fresh CPU :class:`torch.Generator` seeded with ``seed`` (the library never uses the global RNG)."""
+    return torch.Generator().manual_seed(int(seed))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global RNGs (for notebooks' own toy randomness, not the library)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _check_data(who: str, model: BiasedMF, data: RatingData, arg: str) -> None:
+    if data.n_ratings == 0:
+        raise ValueError(f"{who}: {arg} has no ratings")
+    for name, idx, n in (("user_idx", data.user_idx, model.n_users), ("item_idx", data.item_idx, model.n_items)):
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= n:
+            bad = hi if hi >= n else lo
+            kind = name.split("_")[0]
+            raise ValueError(f"{who}: {arg}.{name} contains {bad} but the model has n_{kind}s={n} "
+                             f"(valid 0..{n - 1}); build the model from the same RatingData you train on.")
+    if not torch.isfinite(data.rating).all():
+        raise ValueError(f"{who}: {arg}.rating contains NaN or inf; drop or fix those ratings first")
+
+
+def _check_common(who: str, model: BiasedMF, train: RatingData, val: RatingData | None, reg: float,
+                  n_epochs: int, patience: int | None) -> None:
+    if not isinstance(model, BiasedMF):
+        raise TypeError(f"{who}: model must be a BiasedMF; got {type(model).__name__}")
+    if not reg >= 0:
+        raise ValueError(f"{who}: reg must be >= 0; got {reg!r}")
+    if int(n_epochs) != n_epochs or n_epochs < 1:
+        raise ValueError(f"{who}: n_epochs must be a positive integer; got {n_epochs!r}")
+    if patience is not None and (val is None or patience < 1):
+        raise ValueError(f"{who}: early_stopping_patience={patience!r} needs val= and a value >= 1")
+    _check_data(who, model, train, "train")
+    if val is not None:
+        _check_data(who, model, val, "val")
+
+
+def _on(data: RatingData | None, device: torch.device) -> tuple[torch.Tensor, ...] | None:
+    """(user_idx, item_idx, rating) on ``device``: the one host-to-device copy of a fit."""
+    if data is None:
+        return None
+    return tuple(t.to(device) for t in (data.user_idx, data.item_idx, data.rating))
+
+
+@torch.no_grad()
+def _rmse_on(model: BiasedMF, data: tuple[torch.Tensor, ...] | None) -> float:
+    if data is None:
+        return math.nan
+    was_training = model.training
+    model.eval()
+    sse = torch.zeros((), device=data[0].device)
+    for u, i, r in zip(*(t.split(_EVAL_CHUNK) for t in data)):
+        sse += ((model(u, i) - r) ** 2).sum()
+    model.train(was_training)
+    return math.sqrt(sse.item() / len(data[0]))
+
+
+class _EarlyStopper:
+    """Keeps a copy of the best parameters by validation RMSE; says when to stop."""
+
+    def __init__(self, model: BiasedMF, patience: int | None) -> None:
+        self.model, self.patience, self.best, self.best_rmse, self.bad = model, patience, None, math.inf, 0
+
+    def should_stop(self, val_rmse: float) -> bool:
+        if self.patience is None:
+            return False
+        if val_rmse < self.best_rmse:
+            self.best_rmse, self.bad = val_rmse, 0
+            self.best = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            return False
+        self.bad += 1
+        return self.bad >= self.patience
+
+    def restore(self) -> None:
+        if self.best is not None:
+            self.model.load_state_dict(self.best)
+
+
+def _epochs(n_epochs: int, progress: bool, desc: str):
+    """``range(n_epochs)``, wrapped in a tqdm bar when ``progress`` and ``$TQDM_DISABLE`` is not 1/true/yes.
+
+    The variable is read here, at call time: tqdm itself reads it only when it is first imported (and
+    then treats any value, even ``0``, as true).
+    """
+    if not progress or os.environ.get("TQDM_DISABLE", "").lower() in {"1", "true", "yes"}:
+        return range(n_epochs)
+    from tqdm import tqdm
+
+    return tqdm(range(n_epochs), desc=desc, unit="epoch", disable=False)
+
+
+_DEFAULT_LR = {"sgd": 2.0, "adam": 0.01}
+
+
+def _make_optimizer(model: BiasedMF, optimizer: str, lr: float) -> torch.optim.Optimizer:
+    sparse = model.user_factors.sparse
+    if optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr)
+    return (torch.optim.SparseAdam if sparse else torch.optim.Adam)(model.parameters(), lr=lr)
+
+
+def fit_sgd(model: BiasedMF, train: RatingData, *, val: RatingData | None = None,
+            optimizer: Literal["sgd", "adam"] = "sgd", lr: float | None = None, reg: float = 0.05,
+            n_epochs: int = 20, batch_size: int = 1024, seed: int = 0, device: str | torch.device = "auto",
+            early_stopping_patience: int | None = None, progress: bool = False,
+            callback: Callable[[int, History], None] | None = None) -> History:
+    r"""Train ``model`` by minibatch gradient descent on the per-rating objective.
+
+    Each epoch shuffles the ratings with a seeded permutation and, per batch :math:`\mathcal B`, takes one
+    optimizer step on :math:`\frac{1}{B}\sum_{\mathcal B} [e_{ui}^2 + \lambda\,\mathrm{pen}_{ui}]` with
+    :math:`B` = ``batch_size`` (:meth:`~mfutils.models.BiasedMF.penalty`): the batch mean for full batches,
+    and the same per-rating weight for a short last batch (or data smaller than one batch), so a tiny data
+    set cannot take giant steps. For plain SGD a factor row seen once in the batch moves by
+    :math:`\Delta p_u = \tfrac{2\eta}{B}(e_{ui} q_i - \lambda p_u)`, which is Surprise's per-rating
+    update with :math:`\gamma = 2\eta/B`; hence the large default ``lr`` for ``"sgd"``.
+
+    Args:
+        model: a :class:`~mfutils.models.BiasedMF` built with ``train.n_users`` and ``train.n_items``;
+            moved to ``device`` in place.
+        train: training ratings; ``val``: optional ratings for per-epoch RMSE and early stopping.
+        optimizer: ``"sgd"`` or ``"adam"`` (``SparseAdam`` if the model has sparse embeddings).
+        lr: step size :math:`\eta`; ``None`` picks 2.0 for ``"sgd"`` and 0.01 for ``"adam"``.
+        reg: :math:`\lambda`. n_epochs: passes over ``train``. batch_size: ratings per step.
+        seed: seeds the shuffling (the model's own seed set its initial values).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a :class:`torch.device`.
+        early_stopping_patience: stop after this many epochs without a better ``val`` RMSE, and restore
+            the parameters of the best epoch (needs ``val``).
+        progress: show a tqdm bar over epochs (``TQDM_DISABLE=1`` silences it).
+        callback: called as ``callback(epoch, history)`` after every epoch.
+    Returns:
+        The :class:`History` of the run.
+    Raises:
+        ValueError: bad hyperparameters, or ids outside the model's ranges (message says which).
+        FloatingPointError: the loss diverged to NaN/inf (the step size is too large).
+    """
+    who = "fit_sgd()"
+    if optimizer not in _DEFAULT_LR:
+        raise ValueError(f"{who}: optimizer must be one of {sorted(_DEFAULT_LR)}; got {optimizer!r}")
+    lr = _DEFAULT_LR[optimizer] if lr is None else lr
+    if not lr > 0 or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"{who}: lr must be > 0 and batch_size a positive integer; got lr={lr!r}, "
+                         f"batch_size={batch_size!r}")
+    _check_common(who, model, train, val, reg, n_epochs, early_stopping_patience)
+    device = resolve_device(device)
+    model.to(device).train()
+    (u, i, r), val_data = _on(train, device), _on(val, device)
+    opt, generator = _make_optimizer(model, optimizer, lr), make_generator(seed)
+    stopper, history = _EarlyStopper(model, early_stopping_patience), History(method=optimizer)
+    for epoch in _epochs(n_epochs, progress, who):
+        start = time.perf_counter()
+        perm = torch.randperm(len(r), generator=generator).to(device)  # (n_ratings,)
+        totals = torch.zeros(2, device=device)  # [sum of objective, sum of squared error]
+        for batch in perm.split(batch_size):  # (B,) each
+            err2 = (r[batch] - model(u[batch], i[batch])) ** 2  # (B,)
+            objective = err2 + reg * model.penalty(u[batch], i[batch])  # (B,)
+            loss = objective.sum() / batch_size  # the batch mean when the batch is full
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            totals += torch.stack([objective.detach().sum(), err2.detach().sum()])
+        train_loss, mse = (totals / len(r)).tolist()  # the epoch's one CPU-GPU sync
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"{who}: the training loss became {train_loss} in epoch {epoch}; "
+                                     f"lower lr (now {lr}) or raise reg")
+        val_rmse = _rmse_on(model, val_data)
+        history = history.append(train_loss=train_loss, train_rmse=math.sqrt(mse), val_rmse=val_rmse,
+                                 seconds=time.perf_counter() - start)
+        if callback is not None:
+            callback(epoch, history)
+        if stopper.should_stop(val_rmse):
+            break
+    stopper.restore()
+    return history
+
+
+def als_half_step(crow: torch.Tensor, cols: torch.Tensor, target: torch.Tensor, other: torch.Tensor,
+                  ridge: torch.Tensor) -> torch.Tensor:
+    r"""Solve one small ridge regression per row of a sparse pattern, all rows in one batch.
+
+    Row :math:`u` has columns :math:`I_u` with targets :math:`t_{ui}`; with :math:`Y` = ``other``,
+
+    .. math:: x_u = \arg\min_x \sum_{i\in I_u} (t_{ui} - x^\top y_i)^2 + \sum_j \rho_{uj} x_j^2
+              = \big(Y_{I_u}^\top Y_{I_u} + \mathrm{diag}(\rho_u)\big)^{-1} Y_{I_u}^\top t_{I_u}.
+
+    Every Gram matrix comes from one sparse-dense product (the 0/1 pattern times the flattened outer
+    products :math:`y_i y_i^\top`), then one batched Cholesky factorisation solves them all: no Python loop.
+
+    Args:
+        crow: int64 CSR row pointers, shape ``(n_rows + 1,)``: row ``u`` owns entries ``crow[u]:crow[u+1]``.
+        cols: int64 column numbers, shape ``(nnz,)``, sorted within each row, no duplicates.
+        target: float32 :math:`t`, shape ``(nnz,)``, aligned with ``cols``.
+        other: float32 :math:`Y`, shape ``(n_cols, k)``.
+        ridge: float32 :math:`\rho > 0`, shape ``(n_rows, k)``. All on one device.
+    Returns:
+        float32 :math:`X`, shape ``(n_rows, k)``.
+    """
+    gram, rhs = _row_grams(crow, cols, target, other)  # (n_rows, k, k), (n_rows, k)
+    chol = _cholesky(gram + torch.diag_embed(ridge))  # (n_rows, k, k)
+    return torch.cholesky_solve(rhs.unsqueeze(2), chol).squeeze(2)  # (n_rows, k)
+
+
+def _cholesky(A: torch.Tensor) -> torch.Tensor:
+    """Batched Cholesky factor of SPD ``A`` (``(n, k, k)``), redone in float64 if float32 rounding broke it."""
+    chol, info = torch.linalg.cholesky_ex(A)
+    if bool((info != 0).any()):  # rare: badly scaled ratings; costs one sync per call
+        chol = torch.linalg.cholesky(A.double()).to(A.dtype)
+    return chol
+
+
+def _row_grams(crow: torch.Tensor, cols: torch.Tensor, target: torch.Tensor,
+               other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the Gram matrix of its columns' ``other`` rows, and their ``target``-weighted sum."""
+    n_rows, (n_cols, k) = crow.numel() - 1, other.shape
+
+    def sparse(values: torch.Tensor) -> torch.Tensor:  # (n_rows, n_cols), CSR: 2-3x faster than COO here
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(crow, cols, values, (n_rows, n_cols), check_invariants=False)
+
+    outer = (other[:, :, None] * other[:, None, :]).reshape(n_cols, k * k)  # (n_cols, k*k)
+    gram = (sparse(torch.ones_like(target)) @ outer).reshape(n_rows, k, k)  # (n_rows, k, k)
+    return gram, sparse(target) @ other  # (n_rows, k, k), (n_rows, k)
+
+
+def _by_row(rows: torch.Tensor, cols: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, ...]:
+    """CSR layout: the ``order`` that sorts ratings by (row, col), row pointers ``crow``, sorted ``cols``."""
+    order = torch.argsort(rows * (int(cols.max()) + 1) + cols)  # (nnz,)
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_rows), 0)  # (n_rows + 1,)
+    return order, crow, cols[order]
+
+
+@torch.no_grad()
+def _als_side(model: BiasedMF, side: str, layout: tuple[torch.Tensor, ...], rating: torch.Tensor,
+              ridge: torch.Tensor) -> None:
+    """Re-solve every user (``side="user"``) or item row given the other side; writes into ``model``."""
+    own_f, own_b, other_f, other_b = (
+        (model.user_factors, model.user_bias, model.item_factors, model.item_bias) if side == "user"
+        else (model.item_factors, model.item_bias, model.user_factors, model.user_bias))
+    order, crow, cols = layout
+    target, other = rating[order] - model.global_mean, other_f.weight  # (nnz,), (n_other, k)
+    if own_b is not None:  # solve [p_u, b_u] against [q_i, 1] on r - mu - b_i
+        target = target - other_b.weight[:, 0].index_select(0, cols)
+        other = torch.cat([other, torch.ones_like(other[:, :1])], 1)  # (n_other, k + 1)
+    solved = als_half_step(crow, cols, target, other, ridge[:, None].expand(-1, other.shape[1]))
+    own_f.weight.copy_(solved[:, :model.n_factors])
+    if own_b is not None:
+        own_b.weight.copy_(solved[:, model.n_factors:])
+
+
+def fit_als(model: BiasedMF, train: RatingData, *, val: RatingData | None = None, reg: float = 0.15,
+            n_epochs: int = 15, device: str | torch.device = "auto",
+            early_stopping_patience: int | None = None, progress: bool = False,
+            callback: Callable[[int, History], None] | None = None) -> History:
+    r"""Train ``model`` by alternating least squares on the per-rating objective.
+
+    An epoch solves all users given the items, then all items given the users. With biases, user
+    :math:`u` solves for :math:`(p_u, b_u)` against :math:`(q_i, 1)` on targets :math:`r_{ui}-\mu-b_i`:
+
+    .. math:: \begin{pmatrix}p_u\\ b_u\end{pmatrix} = \Big(\sum_{i\in I_u}\tilde q_i\tilde q_i^\top
+              + \lambda\, n_u I\Big)^{-1} \sum_{i\in I_u} \tilde q_i\,(r_{ui}-\mu-b_i),
+              \qquad \tilde q_i = (q_i, 1),
+
+    the exact minimiser of :math:`L` over that row; :math:`\lambda n_u` is the weighted-λ of
+    Zhou et al. (2008), which is what the per-rating penalty amounts to. A user with no training
+    ratings is solved with :math:`n_u = 1` and gets zero factors and bias. The first half-step
+    starts from the model's item factors (its seed). See :func:`als_half_step` for the batched solve.
+
+    Args:
+        model, train, val, device, early_stopping_patience, progress, callback: as in :func:`fit_sgd`.
+        reg: :math:`\lambda > 0`.
+        n_epochs: number of (user, item) sweeps.
+    Returns:
+        The :class:`History` of the run (``method="als"``).
+    """
+    who = "fit_als()"
+    _check_common(who, model, train, val, reg, n_epochs, early_stopping_patience)
+    if not reg > 0:
+        raise ValueError(f"{who}: reg must be > 0 (each row's system is singular without it); got {reg!r}")
+    device = resolve_device(device)
+    model.to(device).train()
+    (u, i, r), val_data = _on(train, device), _on(val, device)
+    layouts = {"user": _by_row(u, i, model.n_users), "item": _by_row(i, u, model.n_items)}
+    ridges = {s: reg * torch.bincount(x, minlength=n).clamp(min=1).to(r.dtype)  # (n,)
+              for s, x, n in (("user", u, model.n_users), ("item", i, model.n_items))}
+    stopper, history = _EarlyStopper(model, early_stopping_patience), History(method="als")
+    for epoch in _epochs(n_epochs, progress, who):
+        start = time.perf_counter()
+        for side in ("user", "item"):
+            _als_side(model, side, layouts[side], r, ridges[side])
+        with torch.no_grad():
+            err2 = (r - model(u, i)) ** 2  # (n_ratings,)
+            totals = torch.stack([(err2 + reg * model.penalty(u, i)).mean(), err2.mean()])
+        train_loss, mse = totals.tolist()  # the epoch's one CPU-GPU sync
+        val_rmse = _rmse_on(model, val_data)
+        history = history.append(train_loss=train_loss, train_rmse=math.sqrt(mse), val_rmse=val_rmse,
+                                 seconds=time.perf_counter() - start)
+        if callback is not None:
+            callback(epoch, history)
+        if stopper.should_stop(val_rmse):
+            break
+    stopper.restore()
+    return history

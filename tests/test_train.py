@@ -1,0 +1,350 @@
+"""Trainers: a hand-written step, equivalences, knobs, seeds, early stopping, errors, devices, accuracy."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from mfutils.bpmf import _posterior_mean, fit_bpmf
+from mfutils.data import RatingData
+from mfutils.metrics import rmse
+from mfutils.models import BiasedMF
+from mfutils.train import (History, als_half_step, fit_als, fit_sgd, make_generator, resolve_device,
+                           seed_everything)
+
+
+def _ratings(user_idx, item_idx, rating, n_users, n_items) -> RatingData:
+    n = len(rating)
+    return RatingData(user_idx=torch.as_tensor(user_idx), item_idx=torch.as_tensor(item_idx),
+                      rating=torch.as_tensor(rating, dtype=torch.float32), timestamp=torch.zeros(n, dtype=torch.int64),
+                      user_ids=np.arange(n_users), item_ids=np.arange(n_items), name="test")
+
+
+def _low_rank(n_users=30, n_items=20, rank=2, frac=0.6, seed=0) -> tuple[RatingData, RatingData]:
+    """Ratings 3 + P Q^T with no noise; the observed fraction ``frac`` is train, the rest is test."""
+    gen = torch.Generator().manual_seed(seed)
+    R = 3 + torch.randn(n_users, rank, generator=gen) @ torch.randn(n_items, rank, generator=gen).T
+    seen = torch.rand(n_users, n_items, generator=gen) < frac
+    parts = [torch.nonzero(m, as_tuple=True) for m in (seen, ~seen)]
+    return tuple(_ratings(u, i, R[u, i], n_users, n_items) for u, i in parts)
+
+
+@pytest.fixture
+def data() -> tuple[RatingData, RatingData]:
+    return _low_rank()
+
+
+def _model(train: RatingData, n_factors: int = 2, seed: int = 0, **kwargs) -> BiasedMF:
+    return BiasedMF(train.n_users, train.n_items, n_factors, global_mean=float(train.rating.mean()), seed=seed,
+                    **kwargs)
+
+
+def _objective(model: BiasedMF, d: RatingData, reg: float) -> float:
+    with torch.no_grad():
+        err2 = (d.rating - model(d.user_idx, d.item_idx)) ** 2
+        return float((err2 + reg * model.penalty(d.user_idx, d.item_idx)).mean())
+
+
+# ---------------------------------------------------------------- SGD: one step by hand
+
+def test_hand_written_sgd_step_equals_fit_sgd(data):
+    train, _ = data
+    lr, reg, n = 0.7, 0.05, train.n_ratings
+    model = _model(train, seed=3)
+    u, i, r = train.user_idx, train.item_idx, train.rating
+    P, Q = model.user_factors.weight.detach().clone(), model.item_factors.weight.detach().clone()
+    bu, bi = model.user_bias.weight.detach()[:, 0].clone(), model.item_bias.weight.detach()[:, 0].clone()
+    err = r - (model.global_mean + bu[u] + bi[i] + (P[u] * Q[i]).sum(1))  # (n,)
+    # d/dp_u of mean(e^2 + reg |p_u|^2 ...) summed over u's ratings: (-2 e q_i + 2 reg p_u) / n
+    grad_P = torch.zeros_like(P).index_add_(0, u, -2 * err[:, None] * Q[i] + 2 * reg * P[u]) / n
+    grad_Q = torch.zeros_like(Q).index_add_(0, i, -2 * err[:, None] * P[u] + 2 * reg * Q[i]) / n
+    grad_bu = torch.zeros_like(bu).index_add_(0, u, -2 * err + 2 * reg * bu[u]) / n
+    grad_bi = torch.zeros_like(bi).index_add_(0, i, -2 * err + 2 * reg * bi[i]) / n
+
+    fit_sgd(model, train, optimizer="sgd", lr=lr, reg=reg, n_epochs=1, batch_size=n, device="cpu")
+
+    assert_close(model.user_factors.weight, P - lr * grad_P)
+    assert_close(model.item_factors.weight, Q - lr * grad_Q)
+    assert_close(model.user_bias.weight[:, 0], bu - lr * grad_bu)
+    assert_close(model.item_bias.weight[:, 0], bi - lr * grad_bi)
+
+
+def test_fit_sgd_decreases_the_training_objective(data):
+    train, _ = data
+    model = _model(train)
+    before = _objective(model, train, 0.01)
+    history = fit_sgd(model, train, lr=2.0, reg=0.01, n_epochs=15, batch_size=32, device="cpu")
+    assert history.train_loss[-1] < history.train_loss[0] and _objective(model, train, 0.01) < 0.5 * before
+
+
+@pytest.mark.parametrize("change", [{"lr": 0.5}, {"reg": 0.3}, {"n_epochs": 3}, {"batch_size": 8},
+                                    {"seed": 1}, {"optimizer": "adam"}])
+def test_every_sgd_hyperparameter_changes_the_result(data, change):
+    train, _ = data
+    base = {"optimizer": "sgd", "lr": 1.0, "reg": 0.05, "n_epochs": 2, "batch_size": 16, "seed": 0}
+    a, b = _model(train), _model(train)
+    fit_sgd(a, train, device="cpu", **base)
+    fit_sgd(b, train, device="cpu", **{**base, **change})
+    assert not torch.equal(a.user_factors.weight, b.user_factors.weight)
+
+
+def test_same_seed_gives_identical_factors_and_a_different_seed_different_ones(data):
+    train, _ = data
+    runs = [_model(train) for _ in range(3)]
+    for model, seed in zip(runs, (5, 5, 6)):
+        fit_sgd(model, train, n_epochs=2, batch_size=16, seed=seed, device="cpu")
+    assert torch.equal(runs[0].item_factors.weight, runs[1].item_factors.weight)
+    assert not torch.equal(runs[0].item_factors.weight, runs[2].item_factors.weight)
+
+
+def test_sparse_embeddings_train_with_sgd_and_adam(data):
+    train, _ = data
+    for optimizer in ("sgd", "adam"):
+        model = _model(train, sparse=True)
+        history = fit_sgd(model, train, optimizer=optimizer, n_epochs=3, batch_size=32, device="cpu")
+        assert history.train_loss[-1] < history.train_loss[0]
+
+
+def test_early_stopping_restores_the_best_epoch():
+    train, _ = _low_rank(seed=1)
+    gen = torch.Generator().manual_seed(0)
+    val = _ratings(train.user_idx[:100], train.item_idx[:100] .flip(0), 1 + 4 * torch.rand(100, generator=gen),
+                   train.n_users, train.n_items)  # unrelated ratings: fitting train soon hurts them
+    model = _model(train, n_factors=8)
+    history = fit_sgd(model, train, val=val, lr=0.5, reg=0.0, n_epochs=40, batch_size=16,
+                      early_stopping_patience=2, device="cpu")
+    assert history.n_epochs < 40 and history.best_epoch == history.n_epochs - 3
+    with torch.no_grad():
+        restored = rmse(model(val.user_idx, val.item_idx), val.rating)
+    assert restored == pytest.approx(min(history.val_rmse), rel=1e-5)
+
+
+def test_a_diverging_fit_says_to_lower_lr(data):
+    train, _ = data
+    with pytest.raises(FloatingPointError, match=r"fit_sgd\(\): the training loss became (nan|inf) in epoch \d+; "
+                                                 r"lower lr \(now 100.0\)"):
+        fit_sgd(_model(train, n_factors=8), train, lr=100.0, reg=0.0, n_epochs=20, batch_size=16, device="cpu")
+
+
+def test_callback_sees_every_epoch(data):
+    train, val = data
+    seen = []
+    fit_sgd(_model(train), train, val=val, n_epochs=3, device="cpu",
+            callback=lambda epoch, history: seen.append((epoch, history.n_epochs, history.val_rmse[-1])))
+    assert [s[:2] for s in seen] == [(0, 1), (1, 2), (2, 3)] and all(math.isfinite(s[2]) for s in seen)
+
+
+def test_progress_bar_shows_unless_tqdm_disable_is_set(data, capsys, monkeypatch):
+    train, _ = data
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    fit_sgd(_model(train), train, n_epochs=2, progress=True, device="cpu")
+    assert "fit_sgd()" in capsys.readouterr().err
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    fit_als(_model(train), train, n_epochs=2, progress=True, device="cpu")
+    assert capsys.readouterr().err == ""
+
+
+def test_training_on_a_device_matches_the_cpu(data, device):
+    train, _ = data
+    cpu, there = _model(train), _model(train, device=device)
+    fit_sgd(cpu, train, n_epochs=2, batch_size=32, device="cpu")
+    fit_sgd(there, train, n_epochs=2, batch_size=32, device=device)
+    assert_close(there.user_factors.weight.cpu(), cpu.user_factors.weight, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- errors at the boundary
+
+def test_out_of_range_user_idx_raises_with_the_fix(data):
+    train, _ = data
+    model = BiasedMF(train.n_users - 1, train.n_items, 2)
+    n = train.n_users - 1
+    with pytest.raises(ValueError, match=rf"fit_sgd\(\): train.user_idx contains {n} but the model has "
+                                         rf"n_users={n} \(valid 0..{n - 1}\); build the model from the same "
+                                         r"RatingData you train on"):
+        fit_sgd(model, train, device="cpu")
+
+
+def test_out_of_range_val_item_idx_raises(data):
+    train, val = data
+    bad = _ratings(val.user_idx, val.item_idx + 100, val.rating, train.n_users, train.n_items + 100)
+    with pytest.raises(ValueError, match=r"fit_als\(\): val.item_idx contains 1\d\d but the model has n_items=20"):
+        fit_als(_model(train), train, val=bad, device="cpu")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"optimizer": "rmsprop"}, r"optimizer must be one of \['adam', 'sgd'\]; got 'rmsprop'"),
+    ({"lr": 0.0}, r"lr must be > 0 and batch_size a positive integer; got lr=0.0"),
+    ({"batch_size": 0}, r"batch_size=0"),
+    ({"reg": -0.1}, r"reg must be >= 0; got -0.1"),
+    ({"n_epochs": 0}, r"n_epochs must be a positive integer; got 0"),
+    ({"early_stopping_patience": 2}, r"early_stopping_patience=2 needs val= and a value >= 1"),
+])
+def test_bad_hyperparameters_raise(data, kwargs, message):
+    train, _ = data
+    with pytest.raises(ValueError, match=message):
+        fit_sgd(_model(train), train, device="cpu", **kwargs)
+
+
+def test_nan_ratings_raise(data):
+    train, _ = data
+    bad = _ratings(train.user_idx, train.item_idx, torch.where(train.rating > 3, float("nan"), train.rating),
+                   train.n_users, train.n_items)
+    with pytest.raises(ValueError, match=r"train.rating contains NaN or inf"):
+        fit_sgd(_model(train), bad, device="cpu")
+
+
+def test_fit_als_needs_a_positive_reg(data):
+    with pytest.raises(ValueError, match=r"fit_als\(\): reg must be > 0"):
+        fit_als(_model(data[0]), data[0], reg=0.0, device="cpu")
+
+
+# ---------------------------------------------------------------- ALS
+
+def test_als_half_step_equals_lstsq_on_the_augmented_system():
+    gen = torch.Generator().manual_seed(0)
+    rows, cols = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2]), torch.tensor([0, 2, 3, 1, 3, 0, 1, 2, 3])
+    target, other = torch.randn(9, generator=gen), torch.randn(4, 3, generator=gen)
+    ridge = torch.rand(4, 3, generator=gen)[:3] + 0.1  # (n_rows=3, k=3)
+    crow = torch.tensor([0, 3, 5, 9])
+    solved = als_half_step(crow, cols, target, other, ridge)
+    for row in range(3):
+        sel = rows == row
+        A = torch.cat([other[cols[sel]], torch.diag(ridge[row].sqrt())])  # [Y_u; sqrt(rho) I]
+        b = torch.cat([target[sel], torch.zeros(3)])
+        expected = torch.linalg.lstsq(A.double(), b.double()[:, None]).solution[:, 0].float()
+        assert_close(solved[row], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fit_als_never_increases_the_objective_and_reports_it(data):
+    train, _ = data
+    model = _model(train, n_factors=3)
+    history = fit_als(model, train, reg=0.02, n_epochs=6, device="cpu")
+    assert all(b <= a + 1e-5 for a, b in zip(history.train_loss, history.train_loss[1:]))
+    assert history.train_loss[-1] == pytest.approx(_objective(model, train, 0.02), rel=1e-5)
+
+
+def test_fit_als_recovers_a_low_rank_matrix(data):
+    train, test = data
+    model = _model(train, n_factors=2)
+    history = fit_als(model, train, val=test, reg=1e-4, n_epochs=30, device="cpu")
+    assert history.val_rmse[-1] < 0.05 and history.method == "als"
+    assert rmse(model.predict(test.user_idx, test.item_idx), test.rating) < 0.05
+
+
+@pytest.mark.parametrize("change", [{"reg": 0.5}, {"n_epochs": 2}])
+def test_every_als_hyperparameter_changes_the_result(data, change):
+    train, _ = data
+    a, b = _model(train), _model(train)
+    fit_als(a, train, reg=0.1, n_epochs=3, device="cpu")
+    fit_als(b, train, device="cpu", **{"reg": 0.1, "n_epochs": 3, **change})
+    assert not torch.equal(a.user_factors.weight, b.user_factors.weight)
+
+
+def test_fit_als_gives_users_without_ratings_zero_factors():
+    train, _ = _low_rank()
+    keep = train.user_idx != 0
+    sub = train.subset(keep)
+    model = _model(sub)
+    fit_als(model, sub, n_epochs=2, device="cpu")
+    assert model.user_factors.weight[0].abs().sum() == 0 and model.user_bias.weight[0].abs().sum() == 0
+
+
+def test_fit_als_without_biases(data):
+    train, test = data
+    model = _model(train, biases=False)
+    history = fit_als(model, train, val=test, reg=1e-3, n_epochs=10, device="cpu")
+    assert history.val_rmse[-1] < history.val_rmse[0]
+
+
+# ---------------------------------------------------------------- BPMF
+
+def test_posterior_mean_model_predicts_the_average_of_the_samples():
+    gen = torch.Generator().manual_seed(0)
+    samples = [(torch.randn(4, 3, generator=gen), torch.randn(5, 3, generator=gen)) for _ in range(3)]
+    model = _posterior_mean(samples, global_mean=3.0, device=torch.device("cpu"))
+    u, i = torch.tensor([0, 1, 3, 2]), torch.tensor([4, 0, 2, 2])
+    each = [3.0 + Xu[u, 2] + Xi[i, 2] + (Xu[u, :2] * Xi[i, :2]).sum(1) for Xu, Xi in samples]
+    assert model.n_factors == 2 * 3
+    assert_close(model.predict(u, i), torch.stack(each).mean(0))
+
+
+def test_fit_bpmf_history_scores_the_returned_model(data):
+    train, test = data
+    model, history = fit_bpmf(train, n_factors=2, n_samples=6, n_burnin=4, noise_precision=100.0, val=test,
+                              device="cpu")  # noise-free ratings: a high noise precision
+    assert history.n_epochs == 10 and history.method == "bpmf"
+    with torch.no_grad():
+        final = rmse(model(test.user_idx, test.item_idx), test.rating)
+    assert final == pytest.approx(history.val_rmse[-1], rel=1e-4) and final < 0.1 < history.val_rmse[0]
+
+
+@pytest.mark.parametrize("change", [{"n_factors": 3}, {"n_samples": 3}, {"n_burnin": 1},
+                                    {"noise_precision": 5.0}, {"seed": 1}])
+def test_every_bpmf_hyperparameter_changes_the_result(data, change):
+    train, test = data
+    base = {"n_factors": 2, "n_samples": 4, "n_burnin": 2, "noise_precision": 2.0, "seed": 0}
+    a = fit_bpmf(train, device="cpu", **base)[0].predict(test.user_idx, test.item_idx)
+    b = fit_bpmf(train, device="cpu", **{**base, **change})[0].predict(test.user_idx, test.item_idx)
+    c = fit_bpmf(train, device="cpu", **base)[0].predict(test.user_idx, test.item_idx)
+    assert torch.equal(a, c) and not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"n_samples": 0}, r"n_samples must be an integer >= 1; got 0"),
+                                             ({"noise_precision": -1.0}, r"noise_precision must be > 0")])
+def test_bad_bpmf_arguments_raise(data, kwargs, message):
+    with pytest.raises(ValueError, match=rf"fit_bpmf\(\): {message}"):
+        fit_bpmf(data[0], device="cpu", **kwargs)
+
+
+# ---------------------------------------------------------------- devices, seeds, History
+
+def test_resolve_device_auto_picks_cuda_only_when_present():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(torch.device("cpu")).type == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_resolve_device_cuda_without_cuda_raises():
+    with pytest.raises(RuntimeError, match=r"device='cuda' was requested but CUDA is not available"):
+        resolve_device("cuda")
+
+
+def test_resolve_device_rejects_nonsense():
+    with pytest.raises(ValueError, match=r"unknown device 'gpu0'; use 'auto', 'cpu' or 'cuda'"):
+        resolve_device("gpu0")
+
+
+def test_seed_everything_and_make_generator_repeat_their_draws():
+    seed_everything(3)
+    a = (torch.rand(2), np.random.rand())
+    seed_everything(3)
+    assert torch.equal(a[0], torch.rand(2)) and a[1] == np.random.rand()
+    assert torch.equal(torch.rand(3, generator=make_generator(1)), torch.rand(3, generator=make_generator(1)))
+
+
+def test_history_is_immutable_and_easy_to_plot():
+    h0 = History(method="sgd")
+    h1 = h0.append(train_loss=2.0, train_rmse=1.2, val_rmse=1.1, seconds=0.1)
+    h2 = h1.append(train_loss=1.0, train_rmse=1.0, val_rmse=1.3, seconds=0.1)
+    assert h0.n_epochs == 0 and h2.n_epochs == 2 and h2.best_epoch == 0
+    assert {len(v) for v in h2.as_dict().values()} == {2}
+    no_val = History().append(train_loss=2.0, train_rmse=1.0, val_rmse=math.nan, seconds=0.1).append(
+        train_loss=1.0, train_rmse=1.0, val_rmse=math.nan, seconds=0.1)
+    assert no_val.best_epoch == 1
+
+
+# ---------------------------------------------------------------- accuracy on real data (slow)
+
+@pytest.mark.slow
+def test_trainers_beat_surprise_svd_on_ml100k_u1():
+    from mfutils.movielens import load_ml100k_fold
+
+    train, test = load_ml100k_fold(1, progress=False)
+    model = _model(train, n_factors=20)
+    fit_als(model, train, device="cpu")
+    assert rmse(model.predict(test.user_idx, test.item_idx, clip=(1, 5)), test.rating) < 0.935
+    bayes, _ = fit_bpmf(train, n_factors=8, n_samples=32, n_burnin=8, device="cpu")
+    assert rmse(bayes.predict(test.user_idx, test.item_idx, clip=(1, 5)), test.rating) < 0.915
