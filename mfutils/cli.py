@@ -110,7 +110,7 @@ def _read(data: bytes, sep: str, header: bool, n_cols: int, dtype) -> pd.DataFra
 
 
 def _parse(data: bytes, sep: str, header: bool, n_cols: int, path: str, skipped: int) -> pd.DataFrame:
-    dtype = {0: str, 1: str, 2: np.float64, 3: np.float64}
+    dtype = {k: t for k, t in {0: str, 1: str, 2: np.float64, 3: np.float64}.items() if k < n_cols}
     try:
         return _read(data, sep, header, n_cols, dtype)
     except pd.errors.ParserError as exc:

@@ -172,6 +172,7 @@ BAD_FILES = {
     "empty": ("", r"r.txt is empty"),
     "blank": ("\n \n", r"r.txt is empty"),
     "header only": ("userId,movieId,rating,timestamp\n", r"r.txt has a header line but no ratings"),
+    "three-column header only": ("user,item,rating\n", r"r.txt has a header line but no ratings"),
     "non-numeric": ("1\t2\t4\n1\t3\tgood\n", r"r.txt line 2: rating 'good' is not a number"),
     "nan": ("1,2,4\n1,3,nan\n", r"r.txt line 2: rating 'nan' is not a finite number"),
     "inf": ("u,i,r\n1,2,4\n1,3,inf\n", r"r.txt line 3: rating 'inf' is not a finite number"),
