@@ -1,9 +1,16 @@
-r"""Honest timing (:func:`time_it`, :func:`machine_info`) and the ml-100k fold benchmark.
+r"""Honest timing (:func:`time_it`, :func:`machine_info`, :func:`copy_bandwidth`) and the ml-100k fold benchmark.
 
-``python -m mfutils.bench folds [--out book/results/folds.json]`` runs the CLI's default method on the five
-official ml-100k folds (``u1.base``/``u1.test`` … ``u5``) and, when ``scikit-surprise`` is installed,
-Surprise's ``SVD()`` with its default hyperparameters in the same process, and writes per-fold and mean
-RMSE, MAE and fit+predict seconds. Without Surprise the JSON says so instead of dropping it.
+``python -m mfutils.bench folds [--out book/results/folds.json]`` fits and scores, in one run, on the five
+official ml-100k folds (``u1.base``/``u1.test`` … ``u5``): the CLI's default method, the article's
+regularized snippet as written (:func:`fit_article`), and the peers that are installed: Surprise ``SVD()``
+and ``SVDpp()`` and LensKit's biased MF (ALS), all with default hyperparameters. It writes per-fold and
+mean RMSE, MAE and fit+predict seconds, the machine, a memory-bandwidth yardstick for the fastest method,
+and the default's accuracy on ml-latest-small and synthetic ratings. A peer that cannot be imported stays in
+the JSON with ``"available": false`` and the reason.
+
+LensKit needs pandas 2 while this project pins pandas 3, so it runs in its own virtual environment
+(``make bench`` builds it from ``requirements-bench-lenskit.txt``); ``--lenskit-python`` names its
+interpreter, and this file is its worker (``python -I bench.py lenskit-worker FOLDER``).
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +29,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-__all__ = ["time_it", "machine_info", "run_folds", "main"]
+__all__ = ["time_it", "machine_info", "copy_bandwidth", "fit_article", "run_folds", "main"]
+
+SLOW_SECONDS = 5.0  # a method whose warm-up fit+predict takes longer is timed once per fold, not `repeats` times
 
 
 def time_it(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5,
@@ -67,6 +77,50 @@ def machine_info() -> dict[str, Any]:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def copy_bandwidth(n_bytes: int = 256 << 20, repeats: int = 10) -> dict[str, float]:
+    """Memory bandwidth yardstick: ``dst.copy_(src)`` of ``n_bytes`` of float32 (median of ``repeats``).
+
+    Returns ``{"bytes": n_bytes, "seconds": t, "gb_per_s": 2 * n_bytes / t / 1e9}``: like STREAM's Copy,
+    the bytes read and the bytes written both count.
+    """
+    src = torch.ones(n_bytes // 4)
+    dst = torch.empty_like(src)
+    seconds = time_it(lambda: dst.copy_(src), warmup=2, repeats=repeats)
+    return {"bytes": n_bytes, "seconds": seconds, "gb_per_s": 2 * n_bytes / seconds / 1e9}
+
+
+def fit_article(train, *, rank: int = 2, lr: float = 0.01, n_epochs: int = 100, reg: float = 0.1,
+                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The article's regularized snippet as written, re-implemented: full-batch SGD on a dense matrix.
+
+    :math:`P` (``n_users × rank``) and :math:`Q` (``n_items × rank``) start as standard normal draws (seeded
+    CPU generator, :math:`P` first), and each of the ``n_epochs`` steps minimises the mean squared error over
+    the observed (nonzero) cells plus :math:`\lambda(\sum P^2 + \sum Q^2)`, a penalty that is not divided by
+    the number of ratings. No biases, no clipping.
+
+    Args:
+        train: a :class:`~mfutils.data.RatingData`; the dense float32 matrix is ``n_users × n_items``.
+    Returns:
+        ``(P, Q)``, float32, shapes ``(n_users, rank)`` and ``(n_items, rank)``, detached.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    P = torch.randn(train.n_users, rank, generator=generator).requires_grad_()
+    Q = torch.randn(train.n_items, rank, generator=generator).requires_grad_()
+    R = torch.zeros(train.n_users, train.n_items)
+    R[train.user_idx, train.item_idx] = train.rating  # (n_users, n_items), 0 = not rated
+    observed = R != 0
+    opt = torch.optim.SGD([P, Q], lr=lr)
+    for _ in range(n_epochs):
+        mse = ((P @ Q.T)[observed] - R[observed]).pow(2).mean()  # (n_users, n_items) -> scalar
+        loss = mse + reg * (P.pow(2).sum() + Q.pow(2).sum())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return P.detach(), Q.detach()
+
+
+# ---------------------------------------------------------------- methods: (train, test) in, predictions out
+
 def _table(data) -> Any:
     """A fold's RatingData as the CLI's RatingsTable (raw ids as string tokens, like a parsed file)."""
     from mfutils.cli import RatingsTable
@@ -77,72 +131,287 @@ def _table(data) -> Any:
                         np.arange(1, data.n_ratings + 1), data.name)
 
 
-def _ours(train, test, repeats: int) -> dict[str, Any]:
+def _ours(fold: dict[str, Any]) -> tuple[np.ndarray, float, float, dict[str, Any]]:
     from mfutils.cli import dedupe, fit_predict
 
-    runs = [fit_predict(dedupe(train)[0], test) for _ in range(repeats)]
-    pred, facts = runs[0]
-    return {"pred": pred, "fit_seconds": statistics.median(f["fit_seconds"] for _, f in runs),
-            "predict_seconds": statistics.median(f["predict_seconds"] for _, f in runs),
-            "settings": {k: facts[k] for k in ("method", "rank", "reg", "epochs", "seed", "device")}}
+    pred, facts = fit_predict(dedupe(fold["train_table"])[0], fold["test_table"])
+    settings = {k: facts[k] for k in ("method", "rank", "reg", "epochs", "seed", "device")}
+    return pred, facts["fit_seconds"], facts["predict_seconds"], settings
 
 
-def _surprise(train, test, repeats: int) -> dict[str, Any]:
-    import pandas as pd
-    import surprise
+def _article(fold: dict[str, Any]) -> tuple[np.ndarray, float, float, dict[str, Any]]:
+    train, test = fold["train"], fold["test"]
+    start = time.perf_counter()
+    P, Q = fit_article(train)
+    fit_seconds, start = time.perf_counter() - start, time.perf_counter()
+    pred = (P[test.user_idx] * Q[test.item_idx]).sum(1).numpy()  # (n_test,)
+    settings = {"rank": 2, "init": "torch.randn", "optimizer": "SGD", "lr": 0.01, "reg": 0.1,
+                "penalty": "reg * (sum P^2 + sum Q^2) added to the mean masked MSE", "epochs": 100,
+                "batch": "full (dense n_users x n_items matrix)", "seed": 0,
+                "ids": "numbered over all of ml-100k, as in chapter 4"}
+    return pred, fit_seconds, time.perf_counter() - start, settings
 
-    frame = pd.DataFrame({"user": train.user, "item": train.item, "rating": train.rating})
-    scale = (float(train.rating.min()), float(train.rating.max()))
-    fits, predicts = [], []
-    for _ in range(repeats):
+
+def _surprise(name: str) -> Callable[[dict[str, Any]], tuple[np.ndarray, float, float, dict[str, Any]]]:
+    def run(fold: dict[str, Any]):
+        import pandas as pd
+        import surprise
+
+        train, test = fold["train_table"], fold["test_table"]
         start = time.perf_counter()
-        trainset = surprise.Dataset.load_from_df(frame, surprise.Reader(rating_scale=scale)).build_full_trainset()
-        algo = surprise.SVD(random_state=0).fit(trainset)  # default hyperparameters; seeded for repeatability
-        fits.append(time.perf_counter() - start)
-        start = time.perf_counter()
+        frame = pd.DataFrame({"user": train.user, "item": train.item, "rating": train.rating})
+        reader = surprise.Reader(rating_scale=(float(train.rating.min()), float(train.rating.max())))
+        trainset = surprise.Dataset.load_from_df(frame, reader).build_full_trainset()
+        algo = getattr(surprise, name)(random_state=0).fit(trainset)  # defaults; seeded for repeatability
+        fit_seconds, start = time.perf_counter() - start, time.perf_counter()
         pred = np.array([p.est for p in algo.test(list(zip(test.user, test.item, test.rating)))])
-        predicts.append(time.perf_counter() - start)
+        settings = {"algorithm": f"surprise.{name}()", "version": surprise.__version__, "random_state": 0,
+                    "n_factors": algo.n_factors, "n_epochs": algo.n_epochs}
+        return pred, fit_seconds, time.perf_counter() - start, settings
+    return run
+
+
+def _lenskit_worker(folder: str) -> None:
+    """Runs inside LensKit's own interpreter: fit and predict every fold in ``folder``, write ``out.json``."""
+    import pandas as pd
+    import lenskit
+    from lenskit.als import BiasedMFScorer
+    from lenskit.batch import predict
+    from lenskit.data import ItemListCollection, from_interactions_df
+    from lenskit.pipeline import predict_pipeline
+    from lenskit.training import TrainingOptions
+
+    with open(os.path.join(folder, "spec.json"), encoding="utf-8") as f:
+        spec = json.load(f)
+
+    def read(name: str) -> pd.DataFrame:
+        return pd.read_csv(os.path.join(folder, name), sep="\t", dtype={"user_id": str, "item_id": str})
+
+    def run(train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray, float, float]:
+        start = time.perf_counter()
+        pipe = predict_pipeline(BiasedMFScorer())  # defaults: 50 features, 10 epochs, reg 0.1, damping 5
+        pipe.train(from_interactions_df(train.copy()), TrainingOptions(rng=0))
+        fit_seconds, start = time.perf_counter() - start, time.perf_counter()
+        scores = predict(pipe, ItemListCollection.from_df(test, ["user_id"]), n_jobs=1).to_df()
+        pred = test.merge(scores, on=["user_id", "item_id"], how="left")["score"].to_numpy(np.float64)
+        return pred, fit_seconds, time.perf_counter() - start
+
+    folds, out = [read(f"{k}.train.tsv") for k in spec["folds"]], []
+    warm = run(folds[0], read(f"{spec['folds'][0]}.test.tsv"))  # warm-up: imports, thread pools
+    repeats = spec["repeats"] if warm[1] + warm[2] < SLOW_SECONDS else 1
+    for k, train in zip(spec["folds"], folds):
+        test = read(f"{k}.test.tsv")
+        runs = [run(train, test) for _ in range(repeats)]
+        out.append({"pred": runs[0][0].tolist(), "fit": [r[1] for r in runs], "predict": [r[2] for r in runs]})
+    with open(os.path.join(folder, "out.json"), "w", encoding="utf-8") as f:
+        json.dump({"version": lenskit.__version__, "config": BiasedMFScorer().config.model_dump(mode="json"),
+                   "repeats": repeats, "folds": out}, f)
+
+
+def _lenskit(python: str, folds: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
+    """LensKit's ``BiasedMFScorer`` (ALS, defaults) on every fold, in its own interpreter ``python``."""
+    with tempfile.TemporaryDirectory(prefix="mfutils-lenskit-") as folder:
+        for k, fold in enumerate(folds, start=1):
+            for part in ("train", "test"):
+                t = fold[f"{part}_table"]
+                with open(os.path.join(folder, f"{k}.{part}.tsv"), "w", encoding="utf-8") as f:
+                    f.write("user_id\titem_id\trating\n")
+                    f.writelines(f"{u}\t{i}\t{float(r)!r}\n" for u, i, r in zip(t.user, t.item, t.rating))
+        with open(os.path.join(folder, "spec.json"), "w", encoding="utf-8") as f:
+            json.dump({"folds": list(range(1, len(folds) + 1)), "repeats": repeats}, f)
+        threads = str(torch.get_num_threads())  # the same thread budget as the in-process methods
+        env = {**os.environ, **{v: threads for v in ("LK_NUM_THREADS", "LK_NUM_BACKEND_THREADS", "OMP_NUM_THREADS",
+                                                      "MKL_NUM_THREADS", "RAYON_NUM_THREADS")}, "LK_NUM_PROCS": "1"}
+        proc = subprocess.run([python, "-I", os.path.abspath(__file__), "lenskit-worker", folder],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the LensKit worker ({python}) exited {proc.returncode}: "
+                               f"{(proc.stderr.strip().splitlines() or ['no message'])[-1]}")
+        with open(os.path.join(folder, "out.json"), encoding="utf-8") as f:
+            result = json.load(f)
+    runs = []
+    for fold, out in zip(folds, result["folds"]):
+        low, high = float(fold["train_table"].rating.min()), float(fold["train_table"].rating.max())
+        mean = float(np.mean(fold["train_table"].rating))
+        pred = np.clip(np.nan_to_num(np.array(out["pred"]), nan=mean), low, high)
+        runs.append(_timed_run(pred, out["fit"], out["predict"]))
+    settings = {"algorithm": "lenskit.als.BiasedMFScorer() in predict_pipeline (bias fallback)",
+                "version": result["version"], "config": result["config"], "rng": 0, "batch_predict_n_jobs": 1,
+                "clipped": "to the training rating range"}
+    return {"settings": settings, "repeats": result["repeats"], "runs": runs}
+
+
+def _timed_run(pred: np.ndarray, fits: list[float], predicts: list[float]) -> dict[str, Any]:
+    """A fold's predictions and the medians of its timed runs (``seconds`` is the median of fit+predict)."""
     return {"pred": pred, "fit_seconds": statistics.median(fits), "predict_seconds": statistics.median(predicts),
-            "settings": {"algorithm": "surprise.SVD()", "version": surprise.__version__, "random_state": 0}}
+            "seconds": statistics.median(f + p for f, p in zip(fits, predicts))}
 
 
-def _score(runs: list[dict[str, Any]], tests: list) -> dict[str, Any]:
+def _in_process(run: Callable, folds: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
+    """One untimed warm-up on the first fold, then ``repeats`` timed runs per fold (1 for a slow method)."""
+    start = time.perf_counter()
+    run(folds[0])  # warm-up: first-call costs (allocator, thread pools, imports) are not timed
+    repeats = repeats if time.perf_counter() - start < SLOW_SECONDS else 1
+    runs, settings = [], {}
+    for fold in folds:
+        results = [run(fold) for _ in range(repeats)]
+        settings = results[0][3]
+        runs.append(_timed_run(results[0][0], [r[1] for r in results], [r[2] for r in results]))
+    return {"settings": settings, "repeats": repeats, "runs": runs}
+
+
+def _score(measured: dict[str, Any], folds: list[dict[str, Any]]) -> dict[str, Any]:
     from mfutils.metrics import mae, rmse
 
-    folds = []
-    for k, (run, test) in enumerate(zip(runs, tests), start=1):
-        pred, target = torch.as_tensor(run["pred"], dtype=torch.float64), torch.as_tensor(test.rating)
-        folds.append({"fold": k, "rmse": rmse(pred, target), "mae": mae(pred, target),
-                      "fit_seconds": run["fit_seconds"], "predict_seconds": run["predict_seconds"],
-                      "seconds": run["fit_seconds"] + run["predict_seconds"]})
-    mean = {key: statistics.fmean(f[key] for f in folds) for key in ("rmse", "mae", "seconds")}
-    return {"settings": runs[0]["settings"], "folds": folds, "mean": mean}
+    rows = []
+    for k, (run, fold) in enumerate(zip(measured["runs"], folds), start=1):
+        pred, target = torch.as_tensor(run["pred"], dtype=torch.float64), fold["test"].rating
+        rows.append({"fold": k, "rmse": rmse(pred, target), "mae": mae(pred, target),
+                     **{key: run[key] for key in ("fit_seconds", "predict_seconds", "seconds")}})
+    mean = {key: statistics.fmean(r[key] for r in rows)
+            for key in ("rmse", "mae", "fit_seconds", "predict_seconds", "seconds")}
+    return {"available": True, "settings": measured["settings"], "repeats": measured["repeats"],
+            "folds": rows, "mean": mean}
 
 
-def run_folds(*, folds: tuple[int, ...] = (1, 2, 3, 4, 5), repeats: int = 5) -> dict[str, Any]:
-    """Benchmark the CLI default and Surprise ``SVD()`` on ml-100k ``u<k>.base``/``u<k>.test``.
+_BYTES_MODEL = ("per rating and half-step (two per sweep): each of the two sparse products streams the rating's "
+                "CSR column number (int32) and value (float32), 8 B, and reads a row of its dense operand: the "
+                "other side's (k+1)(k+2)/2 Gram products and k+1 bias terms, or its k+1 design entries, 4 B "
+                "each; per-row sums are written once per row, not per rating, and are not counted")
 
-    Seconds are fit+predict wall-clock (from parsed rows to predictions: numbering ids or building
-    Surprise's trainset is included), the median of ``repeats`` runs after one untimed warm-up run.
+
+def _roofline(train, copy: dict[str, float], repeats: int = 3) -> dict[str, Any]:
+    """Ratings per second per sweep of the CLI default (BPMF) and the bytes that implies (``_BYTES_MODEL``)."""
+    from mfutils.bpmf import fit_bpmf
+    from mfutils.cli import DEFAULTS
+
+    rank, sweeps = DEFAULTS["bpmf"]["rank"], DEFAULTS["bpmf"]["epochs"]
+    seconds = [s for _ in range(repeats) for s in fit_bpmf(train, n_factors=rank, n_samples=sweeps - sweeps // 5,
+                                                               n_burnin=sweeps // 5, device="cpu")[1].seconds]
+    k1 = rank + 1
+    streamed, gathered = 2 * (4 + 4), 4 * (k1 * (k1 + 1) // 2 + 2 * k1)
+    per_rating = 2 * (streamed + gathered)  # bytes per rating per sweep
+    rate = train.n_ratings / statistics.median(seconds)  # ratings per second per sweep
+    return {"method": "ours", "rank": rank, "sweeps": sweeps, "n_ratings": train.n_ratings,
+            "sweep_seconds": statistics.median(seconds), "ratings_per_second": rate,
+            "bytes_per_rating_per_sweep": per_rating, "streamed_bytes_per_rating_per_sweep": 2 * streamed,
+            "achieved_gb_per_s": rate * per_rating / 1e9, "streamed_gb_per_s": rate * 2 * streamed / 1e9,
+            "copy_gb_per_s": copy["gb_per_s"], "fraction_of_copy": rate * per_rating / 1e9 / copy["gb_per_s"],
+            "bytes_model": _BYTES_MODEL}
+
+
+def _bias_only(train) -> Any:
+    """Baseline :math:`\\mu + b_u + b_i`: ALS with zero factors, λ 0.03 (chapter 4's validated choice)."""
+    from mfutils.models import BiasedMF
+    from mfutils.train import fit_als
+
+    model = BiasedMF(train.n_users, train.n_items, 1, global_mean=float(train.rating.mean()), init_std=0.0)
+    fit_als(model, train, reg=0.03, n_epochs=10, device="cpu")
+    return model
+
+
+def _other_data() -> list[dict[str, Any]]:
+    """The untuned CLI default vs the bias-only baseline on ml-latest-small (half stars) and synthetic data."""
+    from mfutils.cli import DEFAULTS, fit_predict
+    from mfutils.data import random_split
+    from mfutils.metrics import rmse
+    from mfutils.movielens import load_movielens
+    from mfutils.synthetic import SIZES, synthetic
+
+    rows = []
+    for name, load in (("ml-latest-small", lambda: (load_movielens("ml-latest-small", progress=False), None)),
+                       ("synthetic ml-100k size", lambda: synthetic(*SIZES["ml-100k"], seed=0))):
+        data, truth = load()
+        train, test = random_split(data, 0.2, seed=0)
+        clip = (float(train.rating.min()), float(train.rating.max()))
+        pred = torch.from_numpy(fit_predict(_table(train), _table(test))[0])
+        row = {"data": name, "n_ratings": data.n_ratings, "split": "random 80/20, seed 0", "method": "bpmf",
+               "settings": DEFAULTS["bpmf"], "rmse": rmse(pred, test.rating),
+               "bias_only_rmse": rmse(_bias_only(train).predict(test.user_idx, test.item_idx, clip=clip),
+                                      test.rating),
+               "global_mean_rmse": rmse(torch.full_like(test.rating, float(train.rating.mean())), test.rating)}
+        if truth is not None:  # the generating model itself: the floor that noise and rounding leave
+            u, i = test.user_idx, test.item_idx
+            exact = (truth.global_mean + truth.user_bias[u] + truth.item_bias[i]
+                     + (truth.user_factors[u] * truth.item_factors[i]).sum(1)).clamp(*clip)
+            row["truth_rmse"] = rmse(exact, test.rating)
+        rows.append(row)
+    return rows
+
+
+METHODS = {"ours": "mfutils BPMF (CLI default)", "article": "article's snippet, as written",
+           "surprise_svd": "Surprise SVD()", "surprise_svdpp": "Surprise SVDpp()",
+           "lenskit_biased_mf": "LensKit biased MF (ALS)"}
+
+
+def _measure(name: str, folds: list[dict[str, Any]], repeats: int, lenskit_python: str | None) -> dict[str, Any]:
+    """Fit and score one method on every fold, or say why it is not available."""
+    if name.startswith("surprise"):
+        try:
+            import surprise  # noqa: F401
+        except ImportError as exc:
+            return {"available": False, "reason": f"{type(exc).__name__}: {exc}; "
+                                                  f"pip install -r requirements-bench.txt"}
+    if name == "lenskit_biased_mf":
+        python = lenskit_python
+        if python is None:
+            return {"available": False, "reason": "no LensKit interpreter given (--lenskit-python): LensKit "
+                    "2025.x needs pandas 2 and this project pins pandas 3.1.1, and LensKit 2026.x needs Python "
+                    ">= 3.12.5; `make bench` installs it into .venv/peers/lenskit"}
+        if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+            return {"available": False, "reason": f"--lenskit-python {python} is not an executable file; "
+                                                  f"`make bench` creates it"}
+        try:
+            return _score(_lenskit(python, folds, repeats), folds)
+        except (RuntimeError, OSError, ValueError, KeyError) as exc:
+            return {"available": False, "reason": str(exc)}
+    run = {"ours": _ours, "article": _article, "surprise_svd": _surprise("SVD"),
+           "surprise_svdpp": _surprise("SVDpp")}[name]
+    return _score(_in_process(run, folds, repeats), folds)
+
+
+def run_folds(*, folds: tuple[int, ...] = (1, 2, 3, 4, 5), repeats: int = 5, threads: int = 1,
+              lenskit_python: str | None = None, methods: tuple[str, ...] = tuple(METHODS),
+              extras: bool = True) -> dict[str, Any]:
+    """Benchmark every method on ml-100k ``u<k>.base``/``u<k>.test`` in this one process (LensKit: a child).
+
+    Seconds are fit+predict wall-clock from parsed rows to predictions (numbering ids or building a
+    library's data set is included), the median of ``repeats`` runs after one untimed warm-up run; a method
+    whose warm-up takes over ``SLOW_SECONDS`` is timed once per fold. Every method gets ``threads`` threads
+    (default 1, like Surprise's single-threaded loops; it also keeps timings steady on a shared machine,
+    where a second thread that waits for a busy core can stall every parallel region).
     """
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run_folds(folds, repeats, lenskit_python, methods, extras)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_folds(folds: tuple[int, ...], repeats: int, lenskit_python: str | None, methods: tuple[str, ...],
+               extras: bool) -> dict[str, Any]:
     from mfutils.movielens import load_ml100k_fold
 
     pairs = [load_ml100k_fold(k, progress=False) for k in folds]
-    trains, tests = [_table(tr) for tr, _ in pairs], [_table(te) for _, te in pairs]
-    result: dict[str, Any] = {"machine": machine_info(), "data": "ml-100k u1-u5 folds", "repeats": repeats,
-                              "protocol": "fit on u<k>.base, predict u<k>.test; seconds = median fit+predict"}
-    try:
-        import surprise  # noqa: F401
-    except ImportError as exc:
-        result["surprise_svd"] = {"available": False,
-                                  "reason": f"{type(exc).__name__}: {exc}; pip install -r requirements-bench.txt"}
-        methods = {"ours": _ours}
-    else:
-        methods = {"ours": _ours, "surprise_svd": _surprise}
-    for name, run in methods.items():
-        run(trains[0], tests[0], 1)  # warm-up: first-call costs (allocator, thread pools) are not timed
-        scored = _score([run(tr, te, repeats) for tr, te in zip(trains, tests)], tests)
-        result[name] = {"available": True, **scored} if name == "surprise_svd" else scored
+    data = [{"train": tr, "test": te, "train_table": _table(tr), "test_table": _table(te)} for tr, te in pairs]
+    result: dict[str, Any] = {
+        "machine": machine_info(), "data": f"ml-100k folds u{folds[0]}-u{folds[-1]}", "folds": list(folds),
+        "repeats": repeats, "slow_seconds": SLOW_SECONDS,
+        "protocol": "fit on u<k>.base, predict u<k>.test; seconds = median of fit+predict "
+        "wall-clock over the repeats, after one untimed warm-up run; predictions clipped to the training range "
+        "(except the article's, as written)", "methods": {}}
+    for name in methods:
+        result["methods"][name] = {"label": METHODS[name], **_measure(name, data, repeats, lenskit_python)}
+    measured = {k: v for k, v in result["methods"].items() if v["available"]}
+    reference = measured.get("surprise_svd", {}).get("mean", {}).get("seconds")
+    for entry in measured.values():
+        entry["speedup_vs_surprise_svd"] = reference / entry["mean"]["seconds"] if reference else None
+    result["fastest"] = min(measured, key=lambda k: measured[k]["mean"]["seconds"]) if measured else None
+    if extras:
+        result["copy"] = copy_bandwidth()
+        result["roofline"] = _roofline(pairs[0][0], result["copy"])
+        result["other_data"] = _other_data()
     return result
 
 
@@ -160,19 +429,34 @@ def _write_json(path: str, obj: dict[str, Any]) -> None:
         raise
 
 
+def _print_summary(result: dict[str, Any]) -> None:
+    for name, entry in result["methods"].items():
+        if entry["available"]:
+            m, x = entry["mean"], entry.get("speedup_vs_surprise_svd")
+            speed = f"  {x:.2f}x Surprise SVD" if x else ""
+            print(f"{name:>18}: RMSE {m['rmse']:.4f}  MAE {m['mae']:.4f}  {m['seconds']:.3f} s/fold{speed}",
+                  file=sys.stderr)
+        else:
+            print(f"{name:>18}: not available: {entry['reason']}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mfutils.bench folds [--out PATH] [--repeats N]``."""
+    """``python -m mfutils.bench folds [--out PATH] [--repeats N] [--threads T] [--lenskit-python PATH]``."""
     parser = argparse.ArgumentParser(prog="python -m mfutils.bench", description=__doc__.split("\n\n")[1])
     commands = parser.add_subparsers(dest="command", required=True)
-    folds = commands.add_parser("folds", help="ml-100k u1-u5: CLI default vs Surprise SVD()")
+    folds = commands.add_parser("folds", help="ml-100k u1-u5: the CLI default, the article's snippet and peers")
     folds.add_argument("--out", help="write the JSON here (e.g. book/results/folds.json); default: stdout")
     folds.add_argument("--repeats", type=int, default=5, help="timed runs per fold (median; default 5)")
+    folds.add_argument("--threads", type=int, default=1, help="torch (and LensKit) threads (default 1)")
+    folds.add_argument("--lenskit-python", help="interpreter of a virtual environment with LensKit installed")
+    worker = commands.add_parser("lenskit-worker", help="(internal) run LensKit on the folds in FOLDER")
+    worker.add_argument("folder")
     args = parser.parse_args(argv)
-    result = run_folds(repeats=max(1, args.repeats))
-    for name in ("ours", "surprise_svd"):
-        if "mean" in result[name]:
-            m = result[name]["mean"]
-            print(f"{name:>12}: RMSE {m['rmse']:.4f}  MAE {m['mae']:.4f}  {m['seconds']:.3f} s/fold", file=sys.stderr)
+    if args.command == "lenskit-worker":
+        _lenskit_worker(args.folder)
+        return 0
+    result = run_folds(repeats=max(1, args.repeats), threads=max(1, args.threads), lenskit_python=args.lenskit_python)
+    _print_summary(result)
     if args.out:
         _write_json(args.out, result)
     else:

@@ -26,7 +26,7 @@ from mfutils.data import RatingData
 __all__ = ["main", "build_parser", "read_ratings", "dedupe", "fit_predict", "RatingsTable", "UsageError"]
 
 DEFAULTS = {  # per method: rank, reg, epochs (chosen on validation splits of ml-100k u*.base)
-    "bpmf": {"rank": 8, "reg": None, "epochs": 40},
+    "bpmf": {"rank": 6, "reg": None, "epochs": 20},
     "als": {"rank": 20, "reg": 0.15, "epochs": 15},
     "sgd": {"rank": 50, "reg": 0.05, "epochs": 40},
     "adam": {"rank": 50, "reg": 0.1, "epochs": 30},
@@ -323,7 +323,7 @@ duplicates: if RATINGS rates the same (user, item) twice, the latest rating by t
   order when timestamps tie or are absent); this happens before --test-frac splits. TEST rows are all kept.
 unknown ids: a TEST user or item that is not in training is predicted from the item bias, the user bias or
   the global mean. Predictions are clipped to the training rating range.
-defaults (rank, reg, epochs): bpmf 8, -, 40 (8 burn-in + 32 averaged sweeps); als 20, 0.15, 15;
+defaults (rank, reg, epochs): bpmf 6, -, 20 (4 burn-in + 16 averaged sweeps); als 20, 0.15, 15;
   sgd 50, 0.05, 40; adam 50, 0.1, 30.
 exit status: 0 on success, 2 on bad input (one 'error:' line on stderr), 1 on an unexpected failure."""
 

@@ -1,13 +1,18 @@
-"""bench: time_it's warm-up and median, machine_info, and the fold benchmark's JSON."""
+"""bench: time_it's warm-up and median, machine_info, the article's baseline, and the fold benchmark's JSON."""
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
+import numpy as np
 import pytest
 import torch
+from torch.testing import assert_close
 
-from mfutils import bench
+from mfutils import bench, movielens
+from mfutils.data import RatingData, random_split
+from mfutils.synthetic import synthetic
 
 
 def test_time_it_warms_up_then_returns_the_median(monkeypatch):
@@ -30,22 +35,133 @@ def test_machine_info_names_the_machine():
     json.dumps(info)
 
 
-@pytest.mark.slow
-def test_folds_json_records_a_missing_surprise(monkeypatch, tmp_path):
+def test_copy_bandwidth_counts_the_bytes_read_and_written():
+    copy = bench.copy_bandwidth(n_bytes=1 << 20, repeats=2)
+    assert copy["bytes"] == 1 << 20 and copy["gb_per_s"] == pytest.approx(2 * (1 << 20) / copy["seconds"] / 1e9)
+
+
+# ---------------------------------------------------------------- the article's regularized snippet
+
+def _toy() -> RatingData:
+    R = torch.tensor([[5, 3, 0, 1], [4, 0, 0, 1], [1, 1, 0, 5], [1, 0, 0, 4], [0, 1, 5, 4]], dtype=torch.float32)
+    u, i = torch.nonzero(R, as_tuple=True)
+    return RatingData(user_idx=u, item_idx=i, rating=R[u, i], timestamp=torch.zeros(len(u), dtype=torch.int64),
+                      user_ids=np.arange(5), item_ids=np.arange(4), name="toy")
+
+
+def test_article_baseline_reproduces_the_snippet_on_the_toy_matrix():
+    toy = _toy()
+    P, Q = bench.fit_article(toy)
+    # The snippet's own steps on its 5x4 matrix: items as columns, nn.MSELoss over the nonzero cells,
+    # lambda * (sum U^2 + sum V^2), plain SGD at lr 0.01 for 100 full-batch epochs (same starting draws).
+    gen = torch.Generator().manual_seed(0)
+    R = torch.zeros(5, 4)
+    R[toy.user_idx, toy.item_idx] = toy.rating
+    U = torch.randn(5, 2, generator=gen).requires_grad_()
+    V = torch.randn(4, 2, generator=gen).T.contiguous().requires_grad_()  # (rank, n_items), as in the article
+    opt = torch.optim.SGD([U, V], lr=0.01)
+    for _ in range(100):
+        opt.zero_grad()
+        loss = torch.nn.MSELoss()((U @ V)[R != 0], R[R != 0]) + 0.1 * (torch.sum(U ** 2) + torch.sum(V ** 2))
+        loss.backward()
+        opt.step()
+    assert_close(P, U.detach())
+    assert_close(Q, V.detach().T)
+    start = bench.fit_article(toy, n_epochs=0)
+    observed = R != 0
+    before, after = (((p @ q.T - R)[observed] ** 2).mean() for p, q in (start, (P, Q)))
+    assert after < before and (P @ Q.T)[observed].mean() < R[observed].mean()  # 100 small steps: still far off
+
+
+# ---------------------------------------------------------------- the fold benchmark, on tiny folds
+
+@pytest.fixture
+def tiny_folds(monkeypatch):
+    """load_ml100k_fold returns 480/120-rating splits of a small synthetic set: the benchmark runs in ms."""
+    data, _ = synthetic(50, 40, 600, n_factors=2, seed=0)
+    monkeypatch.setattr(movielens, "load_ml100k_fold", lambda k, progress=False: random_split(data, 0.2, seed=k))
     monkeypatch.setitem(sys.modules, "surprise", None)  # import surprise -> ImportError
-    result = bench.run_folds(folds=(1,), repeats=1)
-    assert result["surprise_svd"]["available"] is False and "surprise" in result["surprise_svd"]["reason"]
-    fold = result["ours"]["folds"][0]
-    assert fold["rmse"] < 0.938 and fold["seconds"] == pytest.approx(fold["fit_seconds"] + fold["predict_seconds"])
-    assert result["ours"]["settings"]["method"] == "bpmf"
+
+
+def test_folds_json_keeps_unavailable_peers_with_their_reasons(tiny_folds):
+    result = bench.run_folds(folds=(1, 2), repeats=1, lenskit_python=None, extras=False)
+    methods = result["methods"]
+    assert list(methods) == list(bench.METHODS) and result["machine"]["torch_threads"] == 1
+    for name in ("surprise_svd", "surprise_svdpp"):
+        assert methods[name]["available"] is False and "surprise" in methods[name]["reason"]
+    assert methods["lenskit_biased_mf"]["available"] is False
+    reason = methods["lenskit_biased_mf"]["reason"]
+    assert "pandas" in reason and "--lenskit-python" in reason
+    for name in ("ours", "article"):
+        entry = methods[name]
+        assert entry["available"] and entry["speedup_vs_surprise_svd"] is None and entry["repeats"] == 1
+        assert [f["fold"] for f in entry["folds"]] == [1, 2]
+        for fold in entry["folds"]:
+            assert fold["seconds"] == pytest.approx(fold["fit_seconds"] + fold["predict_seconds"])
+        assert entry["mean"]["rmse"] == pytest.approx(statistics.fmean(f["rmse"] for f in entry["folds"]))
+    assert methods["ours"]["settings"]["method"] == "bpmf" and methods["ours"]["mean"]["rmse"] < 1.0
+    assert result["fastest"] in ("ours", "article") and methods["article"]["mean"]["rmse"] > 2.0
+    json.dumps(result)
+
+
+def test_folds_json_says_when_the_lenskit_interpreter_is_missing(tiny_folds, tmp_path):
+    result = bench.run_folds(folds=(1,), repeats=1, lenskit_python=str(tmp_path / "python"),
+                             methods=("lenskit_biased_mf",), extras=False)
+    entry = result["methods"]["lenskit_biased_mf"]
+    assert entry == {"label": "LensKit biased MF (ALS)", "available": False,
+                     "reason": f"--lenskit-python {tmp_path / 'python'} is not an executable file; "
+                               f"`make bench` creates it"}
+    assert result["fastest"] is None
+
+
+def test_roofline_turns_sweep_time_into_bytes_per_second():
+    data, _ = synthetic(50, 40, 600, n_factors=2, seed=0)
+    roof = bench._roofline(data, {"gb_per_s": 10.0}, repeats=1)
+    k1 = roof["rank"] + 1
+    assert roof["bytes_per_rating_per_sweep"] == 2 * (2 * (4 + 4) + 4 * (k1 * (k1 + 1) // 2 + 2 * k1))
+    assert roof["ratings_per_second"] == pytest.approx(600 / roof["sweep_seconds"])
+    rate, per_rating = roof["ratings_per_second"], roof["bytes_per_rating_per_sweep"]
+    assert roof["achieved_gb_per_s"] == pytest.approx(rate * per_rating / 1e9)
+    assert roof["fraction_of_copy"] == pytest.approx(roof["achieved_gb_per_s"] / 10.0)
 
 
 def test_folds_command_writes_the_json_atomically(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "run_folds", lambda repeats: {
-        "ours": {"mean": {"rmse": 0.9, "mae": 0.7, "seconds": 0.2}},
-        "surprise_svd": {"available": True, "mean": {"rmse": 0.94, "mae": 0.74, "seconds": 0.4}}})
+    monkeypatch.setattr(bench, "run_folds", lambda **kwargs: {"methods": {
+        "ours": {"available": True, "mean": {"rmse": 0.9, "mae": 0.7, "seconds": 0.05},
+                 "speedup_vs_surprise_svd": 8.0},
+        "surprise_svd": {"available": True, "mean": {"rmse": 0.94, "mae": 0.74, "seconds": 0.4},
+                         "speedup_vs_surprise_svd": 1.0},
+        "lenskit_biased_mf": {"available": False, "reason": "not installed"}}, "kwargs": kwargs})
     out = tmp_path / "results" / "folds.json"
-    assert bench.main(["folds", "--repeats", "1", "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["surprise_svd"]["mean"]["rmse"] == 0.94
+    assert bench.main(["folds", "--repeats", "1", "--threads", "2", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["methods"]["surprise_svd"]["mean"]["rmse"] == 0.94
+    assert written["kwargs"] == {"repeats": 1, "threads": 2, "lenskit_python": None}
     assert [p.name for p in out.parent.iterdir()] == ["folds.json"]
-    assert "surprise_svd: RMSE 0.9400" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "surprise_svd: RMSE 0.9400" in err and "8.00x Surprise SVD" in err
+    assert "lenskit_biased_mf: not available: not installed" in err
+
+
+# ---------------------------------------------------------------- real data (slow)
+
+@pytest.mark.slow
+def test_ml100k_u1_default_beats_surprise_and_the_article_matches_chapter_4():
+    result = bench.run_folds(folds=(1,), repeats=1, methods=("ours", "article"), extras=False)
+    ours, article = result["methods"]["ours"], result["methods"]["article"]
+    assert ours["mean"]["rmse"] < 0.92 and ours["settings"]["method"] == "bpmf"  # Surprise SVD: 0.951 on u1
+    assert article["mean"]["rmse"] == pytest.approx(3.8272, abs=1e-4)  # chapter 4's u1 number
+
+
+@pytest.mark.slow
+def test_a_lenskit_worker_that_cannot_import_lenskit_is_recorded(tiny_folds):
+    result = bench.run_folds(folds=(1,), repeats=1, lenskit_python=sys.executable,
+                             methods=("lenskit_biased_mf",), extras=False)
+    entry = result["methods"]["lenskit_biased_mf"]
+    assert entry["available"] is False and "ModuleNotFoundError: No module named 'lenskit'" in entry["reason"]
+
+
+@pytest.mark.slow
+def test_default_beats_the_bias_only_baseline_on_other_data():
+    for row in bench._other_data():
+        assert row["rmse"] < row["bias_only_rmse"] < row["global_mean_rmse"]

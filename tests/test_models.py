@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from mfutils import models
 from mfutils.models import BiasedMF, DenseMF, dense_masked_loss, gathered_loss
 
 
@@ -110,6 +111,21 @@ def test_init_std_scales_the_factors_and_biases_start_at_zero():
     model = BiasedMF(200, 300, 8, init_std=0.05, seed=0)
     assert model.user_factors.weight.std().item() == pytest.approx(0.05, rel=0.1)
     assert model.user_bias.weight.abs().sum() == 0 and model.item_bias.weight.abs().sum() == 0
+
+
+def test_zero_init_std_gives_zero_factors_equal_to_zero_scaled_draws():
+    model = BiasedMF(20, 30, 4, init_std=0.0, seed=5)
+    scaled = (torch.randn(50, 4, generator=torch.Generator().manual_seed(5)) * 0.0)[:20]
+    assert model.user_factors.weight.abs().sum() == 0 and torch.equal(model.user_factors.weight, scaled)
+
+
+def test_predict_gives_the_same_numbers_for_any_chunk_size(monkeypatch):
+    model = BiasedMF(40, 30, 16, global_mean=3.5, init_std=0.5, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    users, items = torch.randint(-1, 40, (1000,), generator=gen), torch.randint(0, 31, (1000,), generator=gen)
+    default = model.predict(users, items, clip=(1.0, 5.0))
+    monkeypatch.setattr(models, "_CHUNK", 7)  # 143 chunks, the last one short
+    assert torch.equal(model.predict(users, items, clip=(1.0, 5.0)), default)
 
 
 def test_parameters_start_identical_on_every_device(device):

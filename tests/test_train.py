@@ -8,10 +8,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from mfutils import bpmf
 from mfutils.bpmf import _posterior_mean, fit_bpmf
 from mfutils.data import RatingData
 from mfutils.metrics import rmse
 from mfutils.models import BiasedMF
+from mfutils.synthetic import synthetic
 from mfutils.train import (History, als_half_step, fit_als, fit_sgd, make_generator, resolve_device,
                            seed_everything)
 
@@ -155,6 +157,61 @@ def test_training_on_a_device_matches_the_cpu(data, device):
     assert_close(there.user_factors.weight.cpu(), cpu.user_factors.weight, atol=1e-4, rtol=1e-4)
 
 
+# ---------------------------------------------------------------- every trainer, on ratings with known factors
+
+@pytest.fixture(scope="module")
+def known() -> tuple[RatingData, torch.Tensor]:
+    """1,000 ratings from a known rank-2 biased model (little noise), and the model's own noiseless ratings."""
+    data, truth = synthetic(60, 40, 1000, n_factors=2, noise=0.1, seed=0)
+    u, i = data.user_idx, data.item_idx
+    exact = truth.global_mean + truth.user_bias[u] + truth.item_bias[i] + (truth.user_factors[u]
+                                                                           * truth.item_factors[i]).sum(1)
+    return data, exact
+
+
+@pytest.mark.parametrize("method", ["sgd", "adam", "als", "bpmf"])
+def test_each_method_decreases_the_training_objective_on_synthetic_data_with_known_factors(known, method):
+    train, exact = known
+    reg = 0.01
+    if method == "bpmf":  # its objective is the posterior; sample by sample, the training error must fall
+        model, history = fit_bpmf(train, n_factors=2, n_samples=8, n_burnin=2, seed=0, device="cpu")
+        first, last = history.train_loss[0], _objective(model, train, 0.0)
+        start = float(((train.rating - train.rating.mean()) ** 2).mean())  # all factors and biases zero
+        assert last < first < start
+    else:
+        model = _model(train, n_factors=2)
+        start = _objective(model, train, reg)
+        if method == "als":
+            history = fit_als(model, train, reg=reg, n_epochs=8, device="cpu")
+        else:
+            history = fit_sgd(model, train, optimizer=method, reg=reg, n_epochs=8, batch_size=64, device="cpu",
+                              lr=2.0 if method == "sgd" else 0.05)
+        assert history.train_loss[-1] < history.train_loss[0] and _objective(model, train, reg) < 0.5 * start
+    with torch.no_grad():  # and the fit moved towards the factors that made the data
+        fitted = model(train.user_idx, train.item_idx)
+    assert rmse(fitted, exact) < rmse(torch.full_like(exact, float(train.rating.mean())), exact)
+
+
+def test_minibatch_epochs_see_every_rating_exactly_once(data, monkeypatch):
+    train, _ = data
+    model, seen, epochs = _model(train), [], []
+    forward = model.forward
+
+    def recording(user_idx, item_idx):
+        seen.append(user_idx * train.n_items + item_idx)  # one id per (user, item) pair: (B,)
+        return forward(user_idx, item_idx)
+
+    monkeypatch.setattr(model, "forward", recording)
+    fit_sgd(model, train, n_epochs=3, batch_size=50, device="cpu",
+            callback=lambda epoch, history: (epochs.append(list(seen)), seen.clear()))
+    everyone = torch.sort(train.user_idx * train.n_items + train.item_idx).values
+    assert len(epochs) == 3
+    for batches in epochs:
+        assert {len(b) for b in batches[:-1]} == {50} and 0 < len(batches[-1]) <= 50
+        assert torch.equal(torch.sort(torch.cat(batches)).values, everyone)  # every rating once, none twice
+    assert not torch.equal(torch.cat(epochs[0]), torch.cat(epochs[1]))  # and each epoch in a fresh order
+
+
 # ---------------------------------------------------------------- errors at the boundary
 
 def test_out_of_range_user_idx_raises_with_the_fix(data):
@@ -290,6 +347,53 @@ def test_every_bpmf_hyperparameter_changes_the_result(data, change):
     b = fit_bpmf(train, device="cpu", **{**base, **change})[0].predict(test.user_idx, test.item_idx)
     c = fit_bpmf(train, device="cpu", **base)[0].predict(test.user_idx, test.item_idx)
     assert torch.equal(a, c) and not torch.equal(a, b)
+
+
+def test_bpmf_column_solver_equals_cholesky_then_triangular_solves():
+    gen = torch.Generator().manual_seed(0)
+    B = torch.randn(5, 4, 9, generator=gen)
+    A = B @ B.mT + 0.1 * torch.eye(4)  # (n=5, k1=4, k1) SPD
+    b, z = torch.randn(5, 4, generator=gen), torch.randn(5, 4, generator=gen)
+    x = bpmf._solve_columns(A.permute(1, 2, 0), b.T, z.T)  # batch last: (2, k1, n)
+    L = torch.linalg.cholesky(A.double())
+    mean = torch.cholesky_solve(b.double().unsqueeze(2), L).squeeze(2)
+    noise = torch.linalg.solve_triangular(L.mT, z.double().unsqueeze(2), upper=True).squeeze(2)
+    assert_close(x[1].T.double(), mean, atol=1e-4, rtol=1e-4)  # A^{-1} b
+    assert_close(x[0].T.double(), mean + noise, atol=1e-4, rtol=1e-4)  # + L^{-T} z: covariance A^{-1}
+
+
+def test_bpmf_redoes_a_float32_breakdown_in_float64(monkeypatch):
+    calls, solve = [], bpmf._solve_columns
+
+    def flaky(A, b, z):
+        calls.append(A.dtype)
+        x = solve(A, b, z)
+        return torch.full_like(x, math.nan) if len(calls) == 1 else x
+
+    monkeypatch.setattr(bpmf, "_solve_columns", flaky)
+    gram, rhs = torch.eye(3).unsqueeze(2).expand(3, 3, 4) * 2, torch.ones(3, 4)
+    draw, mean = bpmf._draw(gram, rhs, torch.zeros(3), torch.eye(3), 1.0, None)
+    assert calls == [torch.float32, torch.float64] and draw.dtype == torch.float32
+    assert_close(mean, torch.full((4, 3), 1 / 3))  # (I + 2 I) x = 1
+
+
+def test_bpmf_sums_and_training_error_equal_the_direct_computation(data):
+    train, _ = data
+    gen = torch.Generator().manual_seed(0)
+    u, i, centred = train.user_idx, train.item_idx, train.rating - 3.0
+    X_user, X_item = torch.randn(train.n_users, 3, generator=gen), torch.randn(train.n_items, 3, generator=gen)
+    sides = {"user": bpmf._Side(u, i, centred, train.n_users, train.n_items, 3),
+             "item": bpmf._Side(i, u, centred, train.n_items, train.n_users, 3)}
+    gram, rhs = sides["item"].sums_for(X_user)  # (3, 3, n_items), (3, n_items)
+    design = torch.cat([X_user[:, :2], torch.ones(train.n_users, 1)], 1)[u]  # (p_u, 1) per rating
+    target = centred - X_user[u, 2]  # r - mu - b_u
+    for item in (0, 7):
+        rows = i == item
+        assert_close(gram[:, :, item], design[rows].T @ design[rows])
+        assert_close(rhs[:, item], design[rows].T @ target[rows])
+    sse = bpmf._sample_sse(sides, {"user": X_user, "item": X_item}, gram, rhs, float((centred.double() ** 2).sum()))
+    direct = ((target - (design * X_item[i]).sum(1)) ** 2).sum()
+    assert float(sse) == pytest.approx(float(direct), rel=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, message", [({"n_samples": 0}, r"n_samples must be an integer >= 1; got 0"),
