@@ -188,6 +188,17 @@ def _make_optimizer(model: BiasedMF, optimizer: str, lr: float) -> torch.optim.O
     return (torch.optim.SparseAdam if sparse else torch.optim.Adam)(model.parameters(), lr=lr)
 
 
+def _end_epoch(history: History, epoch: int, *, model: BiasedMF, val_data, train_loss: float, mse: float,
+               start: float, callback, stopper: _EarlyStopper) -> tuple[History, bool]:
+    """Evaluate, record and report a finished epoch (both trainers); True when early stopping says stop."""
+    val_rmse = _rmse_on(model, val_data)
+    history = history.append(train_loss=train_loss, train_rmse=math.sqrt(mse), val_rmse=val_rmse,
+                             seconds=time.perf_counter() - start)
+    if callback is not None:
+        callback(epoch, history)
+    return history, stopper.should_stop(val_rmse)
+
+
 def fit_sgd(model: BiasedMF, train: RatingData, *, val: RatingData | None = None,
             optimizer: Literal["sgd", "adam"] = "sgd", lr: float | None = None, reg: float = 0.05,
             n_epochs: int = 20, batch_size: int = 1024, seed: int = 0, device: str | torch.device = "auto",
@@ -251,12 +262,9 @@ def fit_sgd(model: BiasedMF, train: RatingData, *, val: RatingData | None = None
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"{who}: the training loss became {train_loss} in epoch {epoch}; "
                                      f"lower lr (now {lr}) or raise reg")
-        val_rmse = _rmse_on(model, val_data)
-        history = history.append(train_loss=train_loss, train_rmse=math.sqrt(mse), val_rmse=val_rmse,
-                                 seconds=time.perf_counter() - start)
-        if callback is not None:
-            callback(epoch, history)
-        if stopper.should_stop(val_rmse):
+        history, stop = _end_epoch(history, epoch, model=model, val_data=val_data, train_loss=train_loss,
+                                   mse=mse, start=start, callback=callback, stopper=stopper)
+        if stop:
             break
     stopper.restore()
     return history
@@ -381,12 +389,9 @@ def fit_als(model: BiasedMF, train: RatingData, *, val: RatingData | None = None
             err2 = (r - model(u, i)) ** 2  # (n_ratings,)
             totals = torch.stack([(err2 + reg * model.penalty(u, i)).mean(), err2.mean()])
         train_loss, mse = totals.tolist()  # the epoch's one CPU-GPU sync
-        val_rmse = _rmse_on(model, val_data)
-        history = history.append(train_loss=train_loss, train_rmse=math.sqrt(mse), val_rmse=val_rmse,
-                                 seconds=time.perf_counter() - start)
-        if callback is not None:
-            callback(epoch, history)
-        if stopper.should_stop(val_rmse):
+        history, stop = _end_epoch(history, epoch, model=model, val_data=val_data, train_loss=train_loss,
+                                   mse=mse, start=start, callback=callback, stopper=stopper)
+        if stop:
             break
     stopper.restore()
     return history
