@@ -11,6 +11,11 @@ the JSON with ``"available": false`` and the reason.
 LensKit needs pandas 2 while this project pins pandas 3, so it runs in its own virtual environment
 (``make bench`` builds it from ``requirements-bench-lenskit.txt``); ``--lenskit-python`` names its
 interpreter, and this file is its worker (``python -I bench.py lenskit-worker FOLDER``).
+
+``python -m mfutils.bench devices --device cpu|cuda [--out book/results/devices_cpu.json]`` times one epoch of
+the SGD-type paths and one ALS sweep on synthetic ratings of MovieLens sizes (ml-100k … ml-20m) and ranks,
+each configuration in its own child process (``_one``) so that its peak memory is its own, and sets each time
+against the bound that :func:`bytes_per_epoch` and the copy bandwidth measured in the same run give.
 """
 from __future__ import annotations
 
@@ -29,7 +34,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-__all__ = ["time_it", "machine_info", "copy_bandwidth", "fit_article", "run_folds", "main"]
+__all__ = ["time_it", "machine_info", "copy_bandwidth", "fit_article", "run_folds", "bytes_per_epoch",
+           "run_devices", "main"]
 
 SLOW_SECONDS = 5.0  # a method whose warm-up fit+predict takes longer is timed once per fold, not `repeats` times
 
@@ -77,15 +83,16 @@ def machine_info() -> dict[str, Any]:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def copy_bandwidth(n_bytes: int = 256 << 20, repeats: int = 10) -> dict[str, float]:
+def copy_bandwidth(n_bytes: int = 256 << 20, repeats: int = 10,
+                   device: str | torch.device = "cpu") -> dict[str, float]:
     """Memory bandwidth yardstick: ``dst.copy_(src)`` of ``n_bytes`` of float32 (median of ``repeats``).
 
     Returns ``{"bytes": n_bytes, "seconds": t, "gb_per_s": 2 * n_bytes / t / 1e9}``: like STREAM's Copy,
-    the bytes read and the bytes written both count.
+    the bytes read and the bytes written both count. On ``device="cuda"`` it measures the GPU's memory.
     """
-    src = torch.ones(n_bytes // 4)
+    src = torch.ones(n_bytes // 4, device=device)
     dst = torch.empty_like(src)
-    seconds = time_it(lambda: dst.copy_(src), warmup=2, repeats=repeats)
+    seconds = time_it(lambda: dst.copy_(src), warmup=2, repeats=repeats, device=device)
     return {"bytes": n_bytes, "seconds": seconds, "gb_per_s": 2 * n_bytes / seconds / 1e9}
 
 
@@ -415,6 +422,199 @@ def _run_folds(folds: tuple[int, ...], repeats: int, lenskit_python: str | None,
     return result
 
 
+# ---------------------------------------------------------------- devices: one epoch per path, size and rank
+
+DEVICE_GRID: tuple[tuple[str, tuple[int, ...]], ...] = (
+    ("ml-100k", (32, 64, 128)), ("ml-1m", (32, 64, 128)), ("ml-10m", (64,)), ("ml-20m", (64,)))
+DEVICE_PATHS = {"sgd": "fit_sgd(optimizer='sgd') on sparse embeddings: plain minibatch SGD",
+                "adam": "fit_sgd(optimizer='adam') on sparse embeddings: SparseAdam",
+                "als": "fit_als: one sweep solves every user, then every item"}
+DEVICE_BATCH = 1 << 15
+TARGET_RATIO, TARGET_PEAK_BYTES = 3.0, 6e9  # the issue's targets at ml-20m, rank 64
+
+_SGD_BYTES = ("per rating: the shuffled permutation entry and the user and item numbers (int64) and the rating "
+              "(float32) are streamed, 28 B; the user and item rows (k factors and 1 bias each, float32) are "
+              "gathered by the forward pass and read and written again by the sparse update, 3 x 4(2k+2) B. "
+              "The optimizer state of Adam (2 more read-write copies of each row) is not counted, so the same "
+              "bound serves both SGD-type paths")
+_ALS_BYTES = ("per sweep (two half-steps): per rating and half-step, the two sparse products stream the column "
+              "number (int64) and value (float32), 24 B, and building the targets gathers and writes 24 B more; "
+              "per solved row, its (k+1)^2 Gram matrix is written, the ridge added (read and write), factorised "
+              "(read and write) and solved (read), 6 x 4(k+1)^2 B; per row of the other side, its (k+1)^2 outer "
+              "product is written and read once, 2 x 4(k+1)^2 B. A lower bound: it assumes the per-rating gathers "
+              "of outer products hit the cache")
+
+
+def bytes_per_epoch(path: str, *, n_ratings: int, n_users: int, n_items: int, rank: int) -> dict[str, Any]:
+    r"""Bytes one epoch (SGD-type paths) or one sweep (ALS) must move to and from memory, at rank ``rank``.
+
+    SGD and Adam: :math:`N\,(28 + 12(2k+2))` (:data:`_SGD_BYTES`). ALS, with :math:`k_1 = k+1`:
+    :math:`96N + 32k_1^2(n_\text{users}+n_\text{items})` (:data:`_ALS_BYTES`), and its arithmetic,
+    :math:`4Nk_1^2` flops for the Gram matrices plus :math:`k_1^3/3` per Cholesky factorisation.
+
+    Returns:
+        ``{"bytes", "bytes_per_rating", "flops", "model"}`` (``flops`` is ``None`` for the SGD-type paths).
+    """
+    if path in ("sgd", "adam"):
+        total, flops, model = n_ratings * (28 + 12 * (2 * rank + 2)), None, _SGD_BYTES
+    elif path == "als":
+        k1 = rank + 1
+        total = 2 * 48 * n_ratings + 32 * k1 * k1 * (n_users + n_items)
+        flops, model = 4 * n_ratings * k1 * k1 + (n_users + n_items) * k1 ** 3 // 3, _ALS_BYTES
+    else:
+        raise ValueError(f"bytes_per_epoch(): path must be one of {sorted(DEVICE_PATHS)}; got {path!r}")
+    return {"bytes": total, "bytes_per_rating": total / n_ratings, "flops": flops, "model": model}
+
+
+def _require_device(device: str) -> torch.device:
+    """``device`` as a torch.device; a RuntimeError with a one-line reason when it cannot be used here."""
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+        raise RuntimeError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, {build}); "
+                           f"run this command on a machine with an NVIDIA GPU and a CUDA build of torch")
+    return resolved
+
+
+def _all_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _max_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM, which an exec resets (``ru_maxrss`` keeps the parent's)."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _one(file: str, path: str, rank: int, device: str, batch_size: int, warmup: int, repeats: int) -> dict:
+    """(child process) Train ``warmup + repeats`` epochs on the ratings in ``file``; time and peak memory."""
+    from mfutils.data import RatingData
+    from mfutils.models import BiasedMF
+    from mfutils.train import fit_als, fit_sgd
+
+    baseline_rss = _max_rss_bytes()  # the interpreter, torch and mfutils
+    saved = torch.load(file)
+    data = RatingData(user_idx=saved["user_idx"], item_idx=saved["item_idx"], rating=saved["rating"],
+                      timestamp=torch.zeros(0, dtype=torch.int64), user_ids=np.arange(saved["n_users"]),
+                      item_ids=np.arange(saved["n_items"]), name=saved["name"])
+    data_rss = _max_rss_bytes()
+    model = BiasedMF(data.n_users, data.n_items, rank, global_mean=float(data.rating.mean()),
+                     sparse=path != "als", seed=0)
+    n_epochs = warmup + repeats
+    if path == "als":
+        history = fit_als(model, data, reg=0.05, n_epochs=n_epochs, device=device)
+    else:
+        history = fit_sgd(model, data, optimizer=path, n_epochs=n_epochs, batch_size=batch_size, device=device)
+    out = {"epoch_seconds": statistics.median(history.seconds[warmup:]), "all_epoch_seconds": history.seconds,
+           "train_rmse": history.train_rmse[-1], "torch_threads": torch.get_num_threads(),
+           "baseline_rss_bytes": baseline_rss, "data_rss_bytes": data_rss, "peak_rss_bytes": _max_rss_bytes()}
+    if torch.device(device).type == "cuda":
+        out["peak_device_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def _child(file: str, path: str, rank: int, device: torch.device, batch_size: int, warmup: int, repeats: int,
+           threads: int) -> dict[str, Any]:
+    """Run :func:`_one` in a fresh interpreter, so its peak resident memory is this configuration's alone."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "mfutils.bench", "_one", file, "--path", path, "--rank", str(rank),
+           "--device", str(device), "--batch-size", str(batch_size), "--warmup", str(warmup),
+           "--repeats", str(repeats), "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_devices(device: str = "cpu", *, grid: tuple[tuple[str, tuple[int, ...]], ...] = DEVICE_GRID,
+                shapes: dict[str, tuple[int, int, int]] | None = None, paths: tuple[str, ...] = tuple(DEVICE_PATHS),
+                batch_size: int = DEVICE_BATCH, warmup: int = 1, repeats: int = 1,
+                threads: int | None = None) -> dict[str, Any]:
+    """Seconds per epoch (per sweep for ALS), its memory-bandwidth bound and peak host memory, per configuration.
+
+    Each (size, rank, path) runs ``warmup + repeats`` epochs in its own child process on synthetic
+    MovieLens-like ratings (seed 0) of the sizes in ``shapes`` (default :data:`~mfutils.synthetic.SIZES`);
+    the time is the median of the epochs after the warm-up (``History.seconds``, which on CUDA is read after
+    the epoch's synchronising ``.item()``). The bound is :func:`bytes_per_epoch` over the copy bandwidth
+    measured on ``device`` in the same run.
+    """
+    from mfutils.synthetic import SIZES, synthetic
+
+    resolved = _require_device(device)
+    shapes = SIZES if shapes is None else shapes
+    threads = threads or _all_cores()
+    torch.set_num_threads(threads)
+    copy = copy_bandwidth(device=resolved)
+    result: dict[str, Any] = {
+        "machine": machine_info(), "device": str(resolved), "torch_threads": threads, "batch_size": batch_size,
+        "warmup_epochs": warmup, "timed_epochs": repeats, "copy": copy, "paths": {p: DEVICE_PATHS[p] for p in paths},
+        "bytes_models": {"sgd": _SGD_BYTES, "adam": _SGD_BYTES, "als": _ALS_BYTES},
+        "protocol": "synthetic ratings (mfutils.synthetic, seed 0, rank-16 truth); one child process per "
+        "configuration; epoch_seconds = median over the timed epochs after the warm-up epochs; bound_seconds = "
+        "bytes_per_epoch / copy bandwidth; ratio = epoch_seconds / bound_seconds; peak_rss_bytes = the child's "
+        "peak resident set (VmHWM), the interpreter and data included", "runs": []}
+    with tempfile.TemporaryDirectory(prefix="mfutils-devices-") as folder:
+        for size, ranks in grid:
+            data, _ = synthetic(*shapes[size], seed=0)
+            file = os.path.join(folder, f"{size}.pt")
+            torch.save({"user_idx": data.user_idx, "item_idx": data.item_idx, "rating": data.rating,
+                        "n_users": data.n_users, "n_items": data.n_items, "name": size}, file)
+            n_users, n_items, n_ratings = data.n_users, data.n_items, data.n_ratings
+            del data
+            for rank in ranks:
+                for path in paths:
+                    row = {"size": size, "n_users": n_users, "n_items": n_items, "n_ratings": n_ratings,
+                           "rank": rank, "path": path}
+                    row.update(_child(file, path, rank, resolved, batch_size, warmup, repeats, threads))
+                    model = bytes_per_epoch(path, n_ratings=n_ratings, n_users=n_users, n_items=n_items, rank=rank)
+                    row.update({k: model[k] for k in ("bytes", "bytes_per_rating", "flops")})
+                    row["bound_seconds"] = model["bytes"] / (copy["gb_per_s"] * 1e9)
+                    if "epoch_seconds" in row:
+                        row["ratio"] = row["epoch_seconds"] / row["bound_seconds"]
+                        row["achieved_gb_per_s"] = model["bytes"] / row["epoch_seconds"] / 1e9
+                        if model["flops"]:
+                            row["achieved_gflop_per_s"] = model["flops"] / row["epoch_seconds"] / 1e9
+                    result["runs"].append(row)
+                    _print_device_row(row)
+    result["targets"] = _device_targets(result["runs"])
+    return result
+
+
+def _device_targets(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets at ml-20m, rank 64: fastest SGD-type epoch and one ALS sweep within 3x, peak <= 6 GB."""
+    rows = [r for r in runs if r["size"] == "ml-20m" and r["rank"] == 64 and "epoch_seconds" in r]
+    sgd = [r for r in rows if r["path"] in ("sgd", "adam")]
+    als = [r for r in rows if r["path"] == "als"]
+    out: dict[str, Any] = {"at": "ml-20m, rank 64", "max_ratio": TARGET_RATIO, "max_peak_rss_bytes": TARGET_PEAK_BYTES}
+    if sgd:
+        best = min(sgd, key=lambda r: r["epoch_seconds"])
+        out["fastest_sgd_path"] = best["path"]
+        out["sgd_ratio"], out["sgd_met"] = best["ratio"], best["ratio"] <= TARGET_RATIO
+    if als:
+        out["als_ratio"], out["als_met"] = als[0]["ratio"], als[0]["ratio"] <= TARGET_RATIO
+    if rows:
+        out["peak_rss_bytes"] = {r["path"]: r["peak_rss_bytes"] for r in rows}
+        out["memory_met"] = all(r["peak_rss_bytes"] <= TARGET_PEAK_BYTES for r in rows)
+    return out
+
+
+def _print_device_row(row: dict[str, Any]) -> None:
+    head = f"{row['size']:>8} k={row['rank']:<3} {row['path']:>4}:"
+    if "error" in row:
+        print(f"{head} failed: {row['error']}", file=sys.stderr)
+        return
+    print(f"{head} {row['epoch_seconds']:.3f} s/epoch, bound {row['bound_seconds']:.3f} s, "
+          f"ratio {row['ratio']:.2f}, peak {row['peak_rss_bytes'] / 1e9:.2f} GB", file=sys.stderr, flush=True)
+
+
 def _write_json(path: str, obj: dict[str, Any]) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -441,7 +641,7 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mfutils.bench folds [--out PATH] [--repeats N] [--threads T] [--lenskit-python PATH]``."""
+    """``python -m mfutils.bench folds [--out PATH] ...`` or ``devices --device cpu|cuda [--out PATH] ...``."""
     parser = argparse.ArgumentParser(prog="python -m mfutils.bench", description=__doc__.split("\n\n")[1])
     commands = parser.add_subparsers(dest="command", required=True)
     folds = commands.add_parser("folds", help="ml-100k u1-u5: the CLI default, the article's snippet and peers")
@@ -449,14 +649,39 @@ def main(argv: list[str] | None = None) -> int:
     folds.add_argument("--repeats", type=int, default=5, help="timed runs per fold (median; default 5)")
     folds.add_argument("--threads", type=int, default=1, help="torch (and LensKit) threads (default 1)")
     folds.add_argument("--lenskit-python", help="interpreter of a virtual environment with LensKit installed")
+    devices = commands.add_parser("devices", help="seconds per epoch vs the bandwidth bound, and peak memory, "
+                                                  "on synthetic ml-100k..ml-20m sizes")
+    devices.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    devices.add_argument("--out", help="write the JSON here (e.g. book/results/devices_cpu.json); default: stdout")
+    devices.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    devices.add_argument("--repeats", type=int, default=1, help="timed epochs after the warm-up (median; default 1)")
+    one = commands.add_parser("_one", help="(internal) one configuration of `devices`, in a child process")
+    one.add_argument("file")
+    for name, kind in (("--path", str), ("--rank", int), ("--device", str), ("--batch-size", int),
+                       ("--warmup", int), ("--repeats", int), ("--threads", int)):
+        one.add_argument(name, type=kind, required=True)
     worker = commands.add_parser("lenskit-worker", help="(internal) run LensKit on the folds in FOLDER")
     worker.add_argument("folder")
     args = parser.parse_args(argv)
     if args.command == "lenskit-worker":
         _lenskit_worker(args.folder)
         return 0
-    result = run_folds(repeats=max(1, args.repeats), threads=max(1, args.threads), lenskit_python=args.lenskit_python)
-    _print_summary(result)
+    if args.command == "_one":
+        torch.set_num_threads(args.threads)
+        print(json.dumps(_one(args.file, args.path, args.rank, args.device, args.batch_size, args.warmup,
+                              args.repeats)))
+        return 0
+    if args.command == "devices":
+        try:
+            _require_device(args.device)
+        except (RuntimeError, ValueError) as exc:
+            print(f"python -m mfutils.bench devices: error: {exc}", file=sys.stderr)
+            return 2
+        result = run_devices(args.device, threads=args.threads, repeats=max(1, args.repeats))
+    else:
+        result = run_folds(repeats=max(1, args.repeats), threads=max(1, args.threads),
+                           lenskit_python=args.lenskit_python)
+        _print_summary(result)
     if args.out:
         _write_json(args.out, result)
     else:

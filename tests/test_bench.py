@@ -165,3 +165,59 @@ def test_a_lenskit_worker_that_cannot_import_lenskit_is_recorded(tiny_folds):
 def test_default_beats_the_bias_only_baseline_on_other_data():
     for row in bench._other_data():
         assert row["rmse"] < row["bias_only_rmse"] < row["global_mean_rmse"]
+
+
+# ---------------------------------------------------------------- devices: epoch time vs the bandwidth bound
+
+def test_bytes_model_counts_streamed_and_gathered_bytes_per_rating():
+    sgd = bench.bytes_per_epoch("sgd", n_ratings=1000, n_users=10, n_items=20, rank=64)
+    assert sgd["bytes"] == 1000 * (28 + 3 * 4 * (2 * 64 + 2)) and sgd["bytes_per_rating"] == 1588.0
+    assert sgd["flops"] is None and bench.bytes_per_epoch("adam", n_ratings=1000, n_users=10, n_items=20,
+                                                          rank=64)["bytes"] == sgd["bytes"]
+    als = bench.bytes_per_epoch("als", n_ratings=1000, n_users=10, n_items=20, rank=2)
+    assert als["bytes"] == 2 * 48 * 1000 + (6 + 2) * 4 * 3 * 3 * (10 + 20)
+    assert als["flops"] == 4 * 1000 * 9 + 30 * 27 // 3 and als["bytes_per_rating"] == als["bytes"] / 1000
+    with pytest.raises(ValueError, match=r"bytes_per_epoch\(\): path must be one of \['adam', 'als', 'sgd'\]"):
+        bench.bytes_per_epoch("lbfgs", n_ratings=1, n_users=1, n_items=1, rank=1)
+
+
+def test_devices_json_has_one_row_per_configuration_with_its_bound_and_memory():
+    result = bench.run_devices("cpu", grid=(("tiny", (3,)),), shapes={"tiny": (40, 30, 300)},
+                               paths=("sgd", "als"), threads=1)
+    assert result["device"] == "cpu" and result["torch_threads"] == 1 and result["machine"]["cuda"] is None
+    assert result["copy"]["gb_per_s"] > 0 and set(result["bytes_models"]) == {"sgd", "adam", "als"}
+    assert [(r["size"], r["rank"], r["path"]) for r in result["runs"]] == [("tiny", 3, "sgd"), ("tiny", 3, "als")]
+    for row in result["runs"]:
+        assert "error" not in row and row["torch_threads"] == 1 and row["n_ratings"] == 300
+        assert len(row["all_epoch_seconds"]) == 2 and row["epoch_seconds"] == row["all_epoch_seconds"][1]
+        assert row["bound_seconds"] == pytest.approx(row["bytes"] / (result["copy"]["gb_per_s"] * 1e9))
+        assert row["ratio"] == pytest.approx(row["epoch_seconds"] / row["bound_seconds"])
+        assert 0 < row["baseline_rss_bytes"] <= row["data_rss_bytes"] <= row["peak_rss_bytes"] < 4e9
+    assert result["targets"] == {"at": "ml-20m, rank 64", "max_ratio": 3.0, "max_peak_rss_bytes": 6e9}
+    json.dumps(result)
+
+
+def test_device_targets_take_the_fastest_sgd_type_path_at_ml20m_rank_64():
+    rows = [{"size": "ml-20m", "rank": 64, "path": p, "epoch_seconds": s, "ratio": q, "peak_rss_bytes": m}
+            for p, s, q, m in (("sgd", 10.0, 2.5, 3e9), ("adam", 20.0, 5.0, 4e9), ("als", 60.0, 4.0, 7e9))]
+    targets = bench._device_targets(rows + [{"size": "ml-1m", "rank": 64, "path": "als", "epoch_seconds": 1.0,
+                                             "ratio": 1.0, "peak_rss_bytes": 1e9}])
+    assert targets["fastest_sgd_path"] == "sgd" and targets["sgd_ratio"] == 2.5 and targets["sgd_met"] is True
+    assert targets["als_ratio"] == 4.0 and targets["als_met"] is False and targets["memory_met"] is False
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_devices_command_says_in_one_line_that_cuda_is_missing(tmp_path, capsys):
+    out = tmp_path / "devices_cuda.json"
+    assert bench.main(["devices", "--device", "cuda", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CUDA is not available" in err and "NVIDIA GPU" in err
+    assert not out.exists()
+
+
+def test_devices_command_writes_the_json_atomically(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "run_devices", lambda device, **kwargs: {"device": device, "kwargs": kwargs})
+    out = tmp_path / "results" / "devices_cpu.json"
+    assert bench.main(["devices", "--device", "cpu", "--threads", "2", "--out", str(out)]) == 0
+    assert json.loads(out.read_text()) == {"device": "cpu", "kwargs": {"threads": 2, "repeats": 1}}
+    assert [p.name for p in out.parent.iterdir()] == ["devices_cpu.json"]
