@@ -74,6 +74,47 @@ def test_hand_written_sgd_step_equals_fit_sgd(data):
     assert_close(model.item_bias.weight[:, 0], bi - lr * grad_bi)
 
 
+@pytest.mark.parametrize("biases", [True, False])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_fused_sgd_takes_the_same_steps_as_autograd(biases, sparse):
+    train, _ = synthetic(50, 30, 700, seed=2)  # busy rows: many repeat within a batch of 128
+    runs = {}
+    for fused in (False, True):
+        model = BiasedMF(train.n_users, train.n_items, 4, global_mean=3.5, biases=biases, sparse=sparse, seed=1)
+        history = fit_sgd(model, train, lr=1.5, reg=0.07, n_epochs=3, batch_size=128, seed=4, device="cpu",
+                          fused=fused)
+        runs[fused] = (model, history)
+    (slow, slow_history), (fast, fast_history) = runs[False], runs[True]
+    assert fast_history.method == "sgd-fused" and slow_history.method == "sgd"
+    for a, b in zip(fast.parameters(), slow.parameters()):
+        assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert_close(fast_history.train_loss, slow_history.train_loss, atol=1e-6, rtol=1e-5)
+    assert_close(fast_history.train_rmse, slow_history.train_rmse, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(fast.user_factors.weight, BiasedMF(train.n_users, train.n_items, 4, seed=1)
+                           .user_factors.weight)  # it did train
+
+
+def test_fused_sgd_on_a_device_matches_the_cpu(data, device):
+    train, _ = data
+    cpu, there = _model(train), _model(train, device=device)
+    fit_sgd(cpu, train, n_epochs=2, batch_size=32, device="cpu", fused=True)
+    fit_sgd(there, train, n_epochs=2, batch_size=32, device=device, fused=True)
+    assert_close(there.item_factors.weight.cpu(), cpu.item_factors.weight, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_sgd_trains_bfloat16_tables(data):
+    train, _ = data
+    model = _model(train).to(torch.bfloat16)
+    history = fit_sgd(model, train, lr=2.0, n_epochs=5, batch_size=32, device="cpu", fused=True)
+    assert model.user_factors.weight.dtype == torch.bfloat16 and history.train_loss[-1] < history.train_loss[0]
+
+
+def test_fused_needs_plain_sgd(data):
+    train, _ = data
+    with pytest.raises(ValueError, match=r"fused=True writes out the plain SGD step; it needs optimizer='sgd'"):
+        fit_sgd(_model(train), train, optimizer="adam", fused=True, device="cpu")
+
+
 def test_fit_sgd_decreases_the_training_objective(data):
     train, _ = data
     model = _model(train)
@@ -273,6 +314,29 @@ def test_als_half_step_equals_lstsq_on_the_augmented_system():
         b = torch.cat([target[sel], torch.zeros(3)])
         expected = torch.linalg.lstsq(A.double(), b.double()[:, None]).solution[:, 0].float()
         assert_close(solved[row], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_floats", [6, 40, 1 << 20])  # one row per chunk, a few rows, all rows at once
+def test_row_grams_in_chunks_equal_the_per_row_sums(monkeypatch, chunk_floats):
+    import mfutils.train as trainers
+
+    monkeypatch.setitem(trainers._GRAM_CHUNK_FLOATS, "cpu", chunk_floats)
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.tensor([3, 0, 7, 1, 0, 12, 2])  # empty rows, and rows longer than a small chunk
+    cols = torch.cat([torch.randperm(15, generator=gen)[:n].sort().values for n in counts.tolist()])
+    crow = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    target, Y = torch.randn(len(cols), generator=gen), torch.randn(15, 3, generator=gen)
+    chunks = list(trainers._row_gram_chunks(crow, cols, target, Y))
+    yielded = torch.cat([rows for rows, _, _ in chunks])
+    assert sorted(yielded.tolist()) == [0, 2, 3, 5, 6] and yielded[0] == 5  # longest first, no empty rows
+    assert len(chunks) == {6: 5, 40: 3, 1 << 20: 1}[chunk_floats]
+    gram, rhs = torch.zeros(len(counts), 3, 3), torch.zeros(len(counts), 3)
+    for rows, g, h in chunks:
+        gram[rows], rhs[rows] = g, h
+    for row in range(len(counts)):
+        mine = slice(crow[row], crow[row + 1])
+        assert_close(gram[row], Y[cols[mine]].T @ Y[cols[mine]])
+        assert_close(rhs[row], Y[cols[mine]].T @ target[mine])
 
 
 def test_fit_als_never_increases_the_objective_and_reports_it(data):
