@@ -19,13 +19,14 @@ REPRO_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TQDM_DISABLE=1 PYDEVD_DISABLE_F
 
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: help setup book test execute bench clean
+.PHONY: help setup book test execute bench bench-devices clean
 
 help:
 	@echo "make book     set up .venv and build the HTML book into _build/html (offline, seconds after setup)"
 	@echo "make test     set up .venv and run every test: mfutils, nbval over all notebooks, the book in a browser"
 	@echo "make execute  (authors) re-execute every notebook and rewrite its stored outputs"
 	@echo "make bench    (on demand) benchmark the CLI default against Surprise, LensKit and the article on the ml-100k folds"
+	@echo "make bench-devices [DEVICE=cuda]  (on demand) time an epoch per method, size and rank on one device"
 	@echo "make clean    remove _build"
 
 setup: $(STAMP)
@@ -58,9 +59,15 @@ PEER_VENV := $(VENV)/peers/lenskit
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -r requirements-bench.txt
 	test -x $(PEER_VENV)/bin/python || $(BIN)/python -m venv $(PEER_VENV)
-	-$(PEER_VENV)/bin/python -m pip install --quiet -r requirements-bench-lenskit.txt
+	-PYTHONPATH= $(PEER_VENV)/bin/python -m pip install --quiet -r requirements-bench-lenskit.txt
 	-$(PEER_VENV)/bin/python -c 'import torch; print("LensKit environment: torch", torch.__version__, "CUDA", torch.version.cuda)'
 	$(BIN)/python -m mfutils.bench folds --out book/results/folds.json --lenskit-python $(PEER_VENV)/bin/python
+
+# The device sweep of chapter 6: writes book/results/devices_$(DEVICE).json, which the chapter plots.
+DEVICE ?= cpu
+
+bench-devices: $(STAMP)
+	$(BIN)/python -m mfutils.bench devices --device $(DEVICE) --out book/results/devices_$(DEVICE).json
 
 clean:
 	rm -rf _build

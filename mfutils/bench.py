@@ -34,8 +34,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-__all__ = ["time_it", "machine_info", "copy_bandwidth", "fit_article", "run_folds", "bytes_per_epoch",
-           "run_devices", "main"]
+__all__ = ["time_it", "machine_info", "copy_bandwidth", "matmul_rate", "fit_article", "run_folds",
+           "bytes_per_epoch", "transfer_costs", "timing_demo", "run_devices", "main"]
 
 SLOW_SECONDS = 5.0  # a method whose warm-up fit+predict takes longer is timed once per fold, not `repeats` times
 
@@ -94,6 +94,13 @@ def copy_bandwidth(n_bytes: int = 256 << 20, repeats: int = 10,
     dst = torch.empty_like(src)
     seconds = time_it(lambda: dst.copy_(src), warmup=2, repeats=repeats, device=device)
     return {"bytes": n_bytes, "seconds": seconds, "gb_per_s": 2 * n_bytes / seconds / 1e9}
+
+
+def matmul_rate(n: int = 2048, repeats: int = 5, device: str | torch.device = "cpu") -> dict[str, float]:
+    """Arithmetic yardstick: a float32 ``n x n`` matrix product (median of ``repeats``), ``2 n^3`` flops."""
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(device)
+    seconds = time_it(lambda: torch.mm(a, a), warmup=2, repeats=repeats, device=device)
+    return {"n": n, "seconds": seconds, "gflop_per_s": 2 * n ** 3 / seconds / 1e9}
 
 
 def fit_article(train, *, rank: int = 2, lr: float = 0.01, n_epochs: int = 100, reg: float = 0.1,
@@ -426,40 +433,43 @@ def _run_folds(folds: tuple[int, ...], repeats: int, lenskit_python: str | None,
 
 DEVICE_GRID: tuple[tuple[str, tuple[int, ...]], ...] = (
     ("ml-100k", (32, 64, 128)), ("ml-1m", (32, 64, 128)), ("ml-10m", (64,)), ("ml-20m", (64,)))
-DEVICE_PATHS = {"sgd": "fit_sgd(optimizer='sgd') on sparse embeddings: plain minibatch SGD",
+"""The CPU sweep: every rank at the small sizes, rank 64 at the large ones (2 cores, 24 GB)."""
+DEVICE_GRID_CUDA: tuple[tuple[str, tuple[int, ...]], ...] = tuple((size, (32, 64, 128)) for size, _ in DEVICE_GRID)
+"""The GPU sweep: every rank at every size."""
+DEVICE_PATHS = {"sgd": "fit_sgd(optimizer='sgd') on sparse embeddings: plain minibatch SGD through autograd",
+                "fused": "fit_sgd(optimizer='sgd', fused=True): the same steps, gradient written out, no autograd",
                 "adam": "fit_sgd(optimizer='adam') on sparse embeddings: SparseAdam",
                 "als": "fit_als: one sweep solves every user, then every item"}
 DEVICE_BATCH = 1 << 15
-TARGET_RATIO, TARGET_PEAK_BYTES = 3.0, 6e9  # the issue's targets at ml-20m, rank 64
+TARGET_RATIO, TARGET_PEAK_BYTES = 3.0, 6e9  # the goals at ml-20m, rank 64 (chapter 6)
 
 _SGD_BYTES = ("per rating: the shuffled permutation entry and the user and item numbers (int64) and the rating "
               "(float32) are streamed, 28 B; the user and item rows (k factors and 1 bias each, float32) are "
               "gathered by the forward pass and read and written again by the sparse update, 3 x 4(2k+2) B. "
               "The optimizer state of Adam (2 more read-write copies of each row) is not counted, so the same "
               "bound serves both SGD-type paths")
-_ALS_BYTES = ("per sweep (two half-steps): per rating and half-step, the two sparse products stream the column "
-              "number (int64) and value (float32), 24 B, and building the targets gathers and writes 24 B more; "
-              "per solved row, its (k+1)^2 Gram matrix is written, the ridge added (read and write), factorised "
-              "(read and write) and solved (read), 6 x 4(k+1)^2 B; per row of the other side, its (k+1)^2 outer "
-              "product is written and read once, 2 x 4(k+1)^2 B. A lower bound: it assumes the per-rating gathers "
-              "of outer products hit the cache")
+_ALS_BYTES = ("per sweep (two half-steps): per rating and half-step, the column number (int64) and the target "
+              "(float32) are streamed, 24 B, and building the targets gathers and writes 24 B more; per solved "
+              "row, its k+1 numbers are written and read once more, 2 x 4(k+1) B. The gathered blocks of the "
+              "other side's rows and the chunk's Gram matrices and factors stay in cache by design "
+              "(mfutils.train._row_gram_chunks), so this is a lower bound")
 
 
 def bytes_per_epoch(path: str, *, n_ratings: int, n_users: int, n_items: int, rank: int) -> dict[str, Any]:
     r"""Bytes one epoch (SGD-type paths) or one sweep (ALS) must move to and from memory, at rank ``rank``.
 
     SGD and Adam: :math:`N\,(28 + 12(2k+2))` (:data:`_SGD_BYTES`). ALS, with :math:`k_1 = k+1`:
-    :math:`96N + 32k_1^2(n_\text{users}+n_\text{items})` (:data:`_ALS_BYTES`), and its arithmetic,
+    :math:`96N + 8k_1(n_\text{users}+n_\text{items})` (:data:`_ALS_BYTES`), and its arithmetic,
     :math:`4Nk_1^2` flops for the Gram matrices plus :math:`k_1^3/3` per Cholesky factorisation.
 
     Returns:
         ``{"bytes", "bytes_per_rating", "flops", "model"}`` (``flops`` is ``None`` for the SGD-type paths).
     """
-    if path in ("sgd", "adam"):
+    if path in ("sgd", "fused", "adam"):
         total, flops, model = n_ratings * (28 + 12 * (2 * rank + 2)), None, _SGD_BYTES
     elif path == "als":
         k1 = rank + 1
-        total = 2 * 48 * n_ratings + 32 * k1 * k1 * (n_users + n_items)
+        total = 2 * 48 * n_ratings + 8 * k1 * (n_users + n_items)
         flops, model = 4 * n_ratings * k1 * k1 + (n_users + n_items) * k1 ** 3 // 3, _ALS_BYTES
     else:
         raise ValueError(f"bytes_per_epoch(): path must be one of {sorted(DEVICE_PATHS)}; got {path!r}")
@@ -494,57 +504,181 @@ def _max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _one(file: str, path: str, rank: int, device: str, batch_size: int, warmup: int, repeats: int) -> dict:
-    """(child process) Train ``warmup + repeats`` epochs on the ratings in ``file``; time and peak memory."""
-    from mfutils.data import RatingData
+PRECISIONS = {"fp32": "float32 tables, float32 matrix products (TF32 off)",
+              "tf32": "float32 tables; matrix products may round their inputs to TF32 (CUDA only)",
+              "bf16": "bfloat16 factor and bias tables (SGD-type paths only; ALS factorises in float32)"}
+
+
+def _set_precision(precision: str, path: str, device: torch.device) -> torch.dtype:
+    """Apply ``precision`` for this process; the dtype of the model's tables. ValueError when it cannot apply."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}; got {precision!r}")
+    if precision == "tf32" and device.type != "cuda":
+        raise ValueError("precision 'tf32' exists on NVIDIA GPUs only; use fp32 on the CPU")
+    if precision == "bf16" and path == "als":
+        raise ValueError("precision 'bf16' applies to the SGD-type paths: ALS's Cholesky factorisation needs float32")
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def _one(file: str, path: str, rank: int, device: str, batch_size: int, warmup: int, repeats: int,
+         precision: str = "fp32", val_frac: float = 0.0) -> dict:
+    """(child process) Train ``warmup + repeats`` epochs on the ratings in ``file``; time and peak memory.
+
+    With ``val_frac > 0`` a seeded random fraction of the ratings is held out and its RMSE reported.
+    """
+    from mfutils.data import RatingData, random_split
     from mfutils.models import BiasedMF
     from mfutils.train import fit_als, fit_sgd
 
+    resolved = torch.device(device)
+    dtype = _set_precision(precision, path, resolved)
     baseline_rss = _max_rss_bytes()  # the interpreter, torch and mfutils
     saved = torch.load(file)
     data = RatingData(user_idx=saved["user_idx"], item_idx=saved["item_idx"], rating=saved["rating"],
-                      timestamp=torch.zeros(0, dtype=torch.int64), user_ids=np.arange(saved["n_users"]),
-                      item_ids=np.arange(saved["n_items"]), name=saved["name"])
+                      timestamp=torch.zeros(1, dtype=torch.int64).expand(len(saved["rating"])),
+                      user_ids=np.arange(saved["n_users"]), item_ids=np.arange(saved["n_items"]), name=saved["name"])
+    val = None
+    if val_frac > 0:
+        data, val = random_split(data, val_frac, seed=0)
     data_rss = _max_rss_bytes()
     model = BiasedMF(data.n_users, data.n_items, rank, global_mean=float(data.rating.mean()),
-                     sparse=path != "als", seed=0)
+                     sparse=path != "als", seed=0).to(dtype)
     n_epochs = warmup + repeats
     if path == "als":
-        history = fit_als(model, data, reg=0.05, n_epochs=n_epochs, device=device)
+        history = fit_als(model, data, val=val, reg=0.05, n_epochs=n_epochs, device=resolved)
     else:
-        history = fit_sgd(model, data, optimizer=path, n_epochs=n_epochs, batch_size=batch_size, device=device)
+        history = fit_sgd(model, data, val=val, optimizer="sgd" if path == "fused" else path, n_epochs=n_epochs,
+                          batch_size=batch_size, device=resolved, fused=path == "fused")
     out = {"epoch_seconds": statistics.median(history.seconds[warmup:]), "all_epoch_seconds": history.seconds,
            "train_rmse": history.train_rmse[-1], "torch_threads": torch.get_num_threads(),
            "baseline_rss_bytes": baseline_rss, "data_rss_bytes": data_rss, "peak_rss_bytes": _max_rss_bytes()}
-    if torch.device(device).type == "cuda":
+    if val is not None:
+        out["val_rmse"] = history.val_rmse[-1]
+    if resolved.type == "cuda":
         out["peak_device_bytes"] = torch.cuda.max_memory_allocated()
     return out
 
 
 def _child(file: str, path: str, rank: int, device: torch.device, batch_size: int, warmup: int, repeats: int,
-           threads: int) -> dict[str, Any]:
+           threads: int, precision: str = "fp32", val_frac: float = 0.0) -> dict[str, Any]:
     """Run :func:`_one` in a fresh interpreter, so its peak resident memory is this configuration's alone."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "mfutils.bench", "_one", file, "--path", path, "--rank", str(rank),
            "--device", str(device), "--batch-size", str(batch_size), "--warmup", str(warmup),
-           "--repeats", str(repeats), "--threads", str(threads)]
+           "--repeats", str(repeats), "--threads", str(threads), "--precision", precision,
+           "--val-frac", str(val_frac)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_devices(device: str = "cpu", *, grid: tuple[tuple[str, tuple[int, ...]], ...] = DEVICE_GRID,
+BATCH_SERIES = ("ml-1m", 64, (1 << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 18))  # size, rank, batch sizes
+PRECISION_SERIES = (("fused", "fp32"), ("fused", "tf32"), ("fused", "bf16"), ("als", "fp32"), ("als", "tf32"))
+
+
+def _measured(row: dict[str, Any], copy: dict[str, float], matmul: dict[str, float]) -> dict[str, Any]:
+    """``row`` (a finished child's timing) with its bytes model, its bounds and achieved rates added.
+
+    The bound is the roofline's: the larger of the bytes over the copy bandwidth and the flops (ALS) over
+    the rate of a large matrix product, both measured in the same run.
+    """
+    model = bytes_per_epoch(row["path"], n_ratings=row["n_ratings"], n_users=row["n_users"],
+                            n_items=row["n_items"], rank=row["rank"])
+    row.update({k: model[k] for k in ("bytes", "bytes_per_rating", "flops")})
+    row["memory_bound_seconds"] = model["bytes"] / (copy["gb_per_s"] * 1e9)
+    row["compute_bound_seconds"] = model["flops"] / (matmul["gflop_per_s"] * 1e9) if model["flops"] else 0.0
+    row["bound_seconds"] = max(row["memory_bound_seconds"], row["compute_bound_seconds"])
+    if "epoch_seconds" in row:
+        row["ratio"] = row["epoch_seconds"] / row["bound_seconds"]
+        row["achieved_gb_per_s"] = model["bytes"] / row["epoch_seconds"] / 1e9
+        row["ratings_per_second"] = row["n_ratings"] / row["epoch_seconds"]
+        if model["flops"]:
+            row["achieved_gflop_per_s"] = model["flops"] / row["epoch_seconds"] / 1e9
+    _print_device_row(row)
+    return row
+
+
+def transfer_costs(user_idx: torch.Tensor, item_idx: torch.Tensor, rating: torch.Tensor, device: torch.device,
+                   batch_size: int = DEVICE_BATCH, repeats: int = 3) -> dict[str, Any]:
+    """Host-to-device copies of the rating arrays: all at once (pageable, pinned) and batch by batch.
+
+    ``epoch_*`` copies every shuffled batch separately, as a training loop that keeps the ratings on the
+    host must: pageable memory with a synchronous copy, or pinned memory with ``non_blocking=True``.
+    """
+    arrays = (user_idx, item_idx, rating)
+    n_bytes = sum(t.numel() * t.element_size() for t in arrays)
+    pinned = tuple(t.pin_memory() for t in arrays)
+    perm = torch.randperm(len(rating), generator=torch.Generator().manual_seed(0))
+
+    def whole(src, non_blocking):
+        return lambda: [t.to(device, non_blocking=non_blocking) for t in src]
+
+    def by_batch(src, pin):
+        def run():
+            for batch in perm.split(batch_size):
+                parts = [t[batch] for t in src]
+                if pin:
+                    parts = [t.pin_memory() for t in parts]
+                [t.to(device, non_blocking=pin) for t in parts]
+        return run
+
+    seconds = {"whole_pageable_seconds": time_it(whole(arrays, False), repeats=repeats, device=device),
+               "whole_pinned_seconds": time_it(whole(pinned, True), repeats=repeats, device=device),
+               "epoch_pageable_seconds": time_it(by_batch(arrays, False), repeats=repeats, device=device),
+               "epoch_pinned_seconds": time_it(by_batch(arrays, True), repeats=repeats, device=device)}
+    return {"bytes": n_bytes, "batch_size": batch_size, **seconds,
+            "whole_pageable_gb_per_s": n_bytes / seconds["whole_pageable_seconds"] / 1e9,
+            "whole_pinned_gb_per_s": n_bytes / seconds["whole_pinned_seconds"] / 1e9}
+
+
+def timing_demo(device: torch.device, n: int = 4096, calls: int = 20) -> dict[str, Any]:
+    """``calls`` float32 ``n x n`` matrix products timed three ways: first call, without and with synchronising.
+
+    Without ``torch.cuda.synchronize()`` the clock stops when the kernels are queued, not when they finish.
+    """
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def work():
+        for _ in range(calls):
+            torch.mm(a, a)
+
+    start = time.perf_counter()
+    work()
+    sync()
+    cold = time.perf_counter() - start
+    no_sync = []
+    for _ in range(5):
+        sync()
+        start = time.perf_counter()
+        work()
+        no_sync.append(time.perf_counter() - start)  # stops while the queue still runs
+        sync()
+    synced = time_it(work, warmup=1, repeats=5, device=device)
+    return {"n": n, "calls": calls, "flops": 2 * n ** 3 * calls, "cold_seconds": cold,
+            "no_sync_seconds": statistics.median(no_sync), "synced_seconds": synced}
+
+
+def run_devices(device: str = "cpu", *, grid: tuple[tuple[str, tuple[int, ...]], ...] | None = None,
                 shapes: dict[str, tuple[int, int, int]] | None = None, paths: tuple[str, ...] = tuple(DEVICE_PATHS),
                 batch_size: int = DEVICE_BATCH, warmup: int = 1, repeats: int = 1,
-                threads: int | None = None) -> dict[str, Any]:
+                threads: int | None = None, batch_series: tuple | None = BATCH_SERIES,
+                precision_series: tuple | None = None) -> dict[str, Any]:
     """Seconds per epoch (per sweep for ALS), its memory-bandwidth bound and peak host memory, per configuration.
 
-    Each (size, rank, path) runs ``warmup + repeats`` epochs in its own child process on synthetic
+    Each (size, rank, path) of ``grid`` (default :data:`DEVICE_GRID`, on CUDA :data:`DEVICE_GRID_CUDA`) runs
+    ``warmup + repeats`` epochs in its own child process on synthetic
     MovieLens-like ratings (seed 0) of the sizes in ``shapes`` (default :data:`~mfutils.synthetic.SIZES`);
     the time is the median of the epochs after the warm-up (``History.seconds``, which on CUDA is read after
     the epoch's synchronising ``.item()``). The bound is :func:`bytes_per_epoch` over the copy bandwidth
     measured on ``device`` in the same run.
+
+    Also: ``batch_series`` (size, rank, batch sizes) times the SGD-type paths at each batch size; on CUDA,
+    ``precision_series`` (default :data:`PRECISION_SERIES`, at the largest size of ``grid``, rank 64, with a
+    10% held-out RMSE), :func:`transfer_costs` and :func:`timing_demo`.
     """
     from mfutils.synthetic import SIZES, synthetic
 
@@ -552,46 +686,68 @@ def run_devices(device: str = "cpu", *, grid: tuple[tuple[str, tuple[int, ...]],
     shapes = SIZES if shapes is None else shapes
     threads = threads or _all_cores()
     torch.set_num_threads(threads)
-    copy = copy_bandwidth(device=resolved)
+    cuda = resolved.type == "cuda"
+    grid = grid or (DEVICE_GRID_CUDA if cuda else DEVICE_GRID)
+    if precision_series is None and cuda:
+        precision_series = PRECISION_SERIES
+    copy, matmul = copy_bandwidth(device=resolved), matmul_rate(device=resolved)
     result: dict[str, Any] = {
         "machine": machine_info(), "device": str(resolved), "torch_threads": threads, "batch_size": batch_size,
-        "warmup_epochs": warmup, "timed_epochs": repeats, "copy": copy, "paths": {p: DEVICE_PATHS[p] for p in paths},
-        "bytes_models": {"sgd": _SGD_BYTES, "adam": _SGD_BYTES, "als": _ALS_BYTES},
+        "warmup_epochs": warmup, "timed_epochs": repeats, "copy": copy, "matmul": matmul,
+        "paths": {p: DEVICE_PATHS[p] for p in paths},
+        "bytes_models": {"sgd": _SGD_BYTES, "fused": _SGD_BYTES, "adam": _SGD_BYTES, "als": _ALS_BYTES},
+        "precisions": PRECISIONS,
         "protocol": "synthetic ratings (mfutils.synthetic, seed 0, rank-16 truth); one child process per "
         "configuration; epoch_seconds = median over the timed epochs after the warm-up epochs; bound_seconds = "
-        "bytes_per_epoch / copy bandwidth; ratio = epoch_seconds / bound_seconds; peak_rss_bytes = the child's "
-        "peak resident set (VmHWM), the interpreter and data included", "runs": []}
+        "max(bytes_per_epoch / copy bandwidth, flops / matrix-product rate); ratio = epoch_seconds / "
+        "bound_seconds; peak_rss_bytes = the child's "
+        "peak resident set (VmHWM), the interpreter and data included", "runs": [], "batch_runs": [],
+        "precision_runs": []}
+    largest = grid[-1][0]
     with tempfile.TemporaryDirectory(prefix="mfutils-devices-") as folder:
-        for size, ranks in grid:
+        sizes = [size for size, _ in grid]
+        if batch_series and batch_series[0] not in sizes:
+            sizes.append(batch_series[0])
+        files, shape_of = {}, {}
+        for size in sizes:
             data, _ = synthetic(*shapes[size], seed=0)
-            file = os.path.join(folder, f"{size}.pt")
+            files[size] = os.path.join(folder, f"{size}.pt")
             torch.save({"user_idx": data.user_idx, "item_idx": data.item_idx, "rating": data.rating,
-                        "n_users": data.n_users, "n_items": data.n_items, "name": size}, file)
-            n_users, n_items, n_ratings = data.n_users, data.n_items, data.n_ratings
+                        "n_users": data.n_users, "n_items": data.n_items, "name": size}, files[size])
+            shape_of[size] = {"n_users": data.n_users, "n_items": data.n_items, "n_ratings": data.n_ratings}
+            if cuda and size == largest:
+                result["transfer"] = {"size": size, **transfer_costs(data.user_idx, data.item_idx, data.rating,
+                                                                     resolved, batch_size)}
             del data
+
+        def run(size, rank, path, batch, precision="fp32", val_frac=0.0, n_repeats=repeats):
+            row = {"size": size, **shape_of[size], "rank": rank, "path": path, "batch_size": batch,
+                   "precision": precision}
+            row.update(_child(files[size], path, rank, resolved, batch, warmup, n_repeats, threads, precision,
+                              val_frac))
+            return _measured(row, copy, matmul)
+
+        for size, ranks in grid:
             for rank in ranks:
                 for path in paths:
-                    row = {"size": size, "n_users": n_users, "n_items": n_items, "n_ratings": n_ratings,
-                           "rank": rank, "path": path}
-                    row.update(_child(file, path, rank, resolved, batch_size, warmup, repeats, threads))
-                    model = bytes_per_epoch(path, n_ratings=n_ratings, n_users=n_users, n_items=n_items, rank=rank)
-                    row.update({k: model[k] for k in ("bytes", "bytes_per_rating", "flops")})
-                    row["bound_seconds"] = model["bytes"] / (copy["gb_per_s"] * 1e9)
-                    if "epoch_seconds" in row:
-                        row["ratio"] = row["epoch_seconds"] / row["bound_seconds"]
-                        row["achieved_gb_per_s"] = model["bytes"] / row["epoch_seconds"] / 1e9
-                        if model["flops"]:
-                            row["achieved_gflop_per_s"] = model["flops"] / row["epoch_seconds"] / 1e9
-                    result["runs"].append(row)
-                    _print_device_row(row)
+                    result["runs"].append(run(size, rank, path, batch_size))
+        if batch_series:
+            size, rank, batches = batch_series
+            for path in [p for p in paths if p != "als"]:
+                for batch in batches:
+                    result["batch_runs"].append(run(size, rank, path, batch))
+        for path, precision in precision_series or ():
+            result["precision_runs"].append(run(largest, 64, path, batch_size, precision, 0.1, 3))
+    if cuda:
+        result["timing_demo"] = timing_demo(resolved)
     result["targets"] = _device_targets(result["runs"])
     return result
 
 
 def _device_targets(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's targets at ml-20m, rank 64: fastest SGD-type epoch and one ALS sweep within 3x, peak <= 6 GB."""
+    """The book's goals at ml-20m, rank 64: fastest SGD-type epoch and one ALS sweep within 3x, peak <= 6 GB."""
     rows = [r for r in runs if r["size"] == "ml-20m" and r["rank"] == 64 and "epoch_seconds" in r]
-    sgd = [r for r in rows if r["path"] in ("sgd", "adam")]
+    sgd = [r for r in rows if r["path"] in ("sgd", "fused", "adam")]
     als = [r for r in rows if r["path"] == "als"]
     out: dict[str, Any] = {"at": "ml-20m, rank 64", "max_ratio": TARGET_RATIO, "max_peak_rss_bytes": TARGET_PEAK_BYTES}
     if sgd:
@@ -658,7 +814,8 @@ def main(argv: list[str] | None = None) -> int:
     one = commands.add_parser("_one", help="(internal) one configuration of `devices`, in a child process")
     one.add_argument("file")
     for name, kind in (("--path", str), ("--rank", int), ("--device", str), ("--batch-size", int),
-                       ("--warmup", int), ("--repeats", int), ("--threads", int)):
+                       ("--warmup", int), ("--repeats", int), ("--threads", int), ("--precision", str),
+                       ("--val-frac", float)):
         one.add_argument(name, type=kind, required=True)
     worker = commands.add_parser("lenskit-worker", help="(internal) run LensKit on the folds in FOLDER")
     worker.add_argument("folder")
@@ -669,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "_one":
         torch.set_num_threads(args.threads)
         print(json.dumps(_one(args.file, args.path, args.rank, args.device, args.batch_size, args.warmup,
-                              args.repeats)))
+                              args.repeats, args.precision, args.val_frac)))
         return 0
     if args.command == "devices":
         try:

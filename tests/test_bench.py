@@ -175,26 +175,62 @@ def test_bytes_model_counts_streamed_and_gathered_bytes_per_rating():
     assert sgd["flops"] is None and bench.bytes_per_epoch("adam", n_ratings=1000, n_users=10, n_items=20,
                                                           rank=64)["bytes"] == sgd["bytes"]
     als = bench.bytes_per_epoch("als", n_ratings=1000, n_users=10, n_items=20, rank=2)
-    assert als["bytes"] == 2 * 48 * 1000 + (6 + 2) * 4 * 3 * 3 * (10 + 20)
+    assert als["bytes"] == 2 * 48 * 1000 + 2 * 4 * 3 * (10 + 20)
     assert als["flops"] == 4 * 1000 * 9 + 30 * 27 // 3 and als["bytes_per_rating"] == als["bytes"] / 1000
-    with pytest.raises(ValueError, match=r"bytes_per_epoch\(\): path must be one of \['adam', 'als', 'sgd'\]"):
+    with pytest.raises(ValueError, match=r"bytes_per_epoch\(\): path must be one of \['adam', 'als', 'fused', 'sgd'\]"):
         bench.bytes_per_epoch("lbfgs", n_ratings=1, n_users=1, n_items=1, rank=1)
 
 
 def test_devices_json_has_one_row_per_configuration_with_its_bound_and_memory():
-    result = bench.run_devices("cpu", grid=(("tiny", (3,)),), shapes={"tiny": (40, 30, 300)},
-                               paths=("sgd", "als"), threads=1)
+    result = bench.run_devices("cpu", grid=(("tiny", (3,)),), shapes={"tiny": (40, 30, 300), "small": (50, 40, 500)},
+                               paths=("sgd", "als"), threads=1, batch_series=("small", 2, (64, 1024)))
     assert result["device"] == "cpu" and result["torch_threads"] == 1 and result["machine"]["cuda"] is None
-    assert result["copy"]["gb_per_s"] > 0 and set(result["bytes_models"]) == {"sgd", "adam", "als"}
+    assert result["copy"]["gb_per_s"] > 0 and set(result["bytes_models"]) == {"sgd", "fused", "adam", "als"}
     assert [(r["size"], r["rank"], r["path"]) for r in result["runs"]] == [("tiny", 3, "sgd"), ("tiny", 3, "als")]
     for row in result["runs"]:
         assert "error" not in row and row["torch_threads"] == 1 and row["n_ratings"] == 300
         assert len(row["all_epoch_seconds"]) == 2 and row["epoch_seconds"] == row["all_epoch_seconds"][1]
-        assert row["bound_seconds"] == pytest.approx(row["bytes"] / (result["copy"]["gb_per_s"] * 1e9))
+        assert row["memory_bound_seconds"] == pytest.approx(row["bytes"] / (result["copy"]["gb_per_s"] * 1e9))
+        assert row["compute_bound_seconds"] == (pytest.approx(row["flops"] / (result["matmul"]["gflop_per_s"] * 1e9))
+                                                if row["path"] == "als" else 0.0)
+        assert row["bound_seconds"] == max(row["memory_bound_seconds"], row["compute_bound_seconds"])
         assert row["ratio"] == pytest.approx(row["epoch_seconds"] / row["bound_seconds"])
         assert 0 < row["baseline_rss_bytes"] <= row["data_rss_bytes"] <= row["peak_rss_bytes"] < 4e9
+    assert [(r["size"], r["path"], r["batch_size"]) for r in result["batch_runs"]] == [
+        ("small", "sgd", 64), ("small", "sgd", 1024)]
+    assert all(r["n_ratings"] == 500 and r["rank"] == 2 and "epoch_seconds" in r for r in result["batch_runs"])
+    assert result["precision_runs"] == [] and "transfer" not in result and "timing_demo" not in result
     assert result["targets"] == {"at": "ml-20m, rank 64", "max_ratio": 3.0, "max_peak_rss_bytes": 6e9}
     json.dumps(result)
+
+
+def test_one_configuration_runs_in_bfloat16_and_reports_held_out_rmse(tmp_path):
+    data, _ = synthetic(60, 40, 600, seed=1)
+    file = tmp_path / "tiny.pt"
+    torch.save({"user_idx": data.user_idx, "item_idx": data.item_idx, "rating": data.rating,
+                "n_users": data.n_users, "n_items": data.n_items, "name": "tiny"}, file)
+    fp32 = bench._one(str(file), "sgd", 4, "cpu", 128, 1, 2, "fp32", 0.1)
+    bf16 = bench._one(str(file), "sgd", 4, "cpu", 128, 1, 2, "bf16", 0.1)
+    for row in (fp32, bf16):
+        assert len(row["all_epoch_seconds"]) == 3 and 0.5 < row["val_rmse"] < 2.0
+    assert bf16["val_rmse"] != fp32["val_rmse"]  # the tables really were rounded to bfloat16
+    assert abs(bf16["val_rmse"] - fp32["val_rmse"]) < 0.05
+
+
+@pytest.mark.parametrize("path, precision, message", [
+    ("als", "bf16", "ALS's Cholesky factorisation needs float32"),
+    ("sgd", "tf32", "NVIDIA GPUs only"),
+    ("sgd", "fp16", "precision must be one of"),
+])
+def test_precisions_that_cannot_apply_are_refused_with_the_reason(path, precision, message):
+    with pytest.raises(ValueError, match=message):
+        bench._set_precision(precision, path, torch.device("cpu"))
+
+
+def test_timing_demo_reports_first_unsynchronised_and_synchronised_times():
+    demo = bench.timing_demo(torch.device("cpu"), n=64, calls=3)
+    assert demo["flops"] == 2 * 64 ** 3 * 3
+    assert all(demo[k] > 0 for k in ("cold_seconds", "no_sync_seconds", "synced_seconds"))
 
 
 def test_device_targets_take_the_fastest_sgd_type_path_at_ml20m_rank_64():
