@@ -48,3 +48,15 @@ def test_no_dataset_is_tracked_by_git():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     data = [f for f in tracked.split() if re.search(r"\.(zip|dat|gz)$|(^|/)u\.(data|item)$|ratings\.csv$", f)]
     assert not data, f"dataset files are committed (MovieLens may not be redistributed): {data}"
+
+
+def test_no_code_hard_codes_a_gpu():
+    """One `device` argument everywhere: no `.cuda()` in the package, the tests or any notebook's code cells."""
+    import json
+
+    sources = {str(p.relative_to(ROOT)): p.read_text() for p in (ROOT / "mfutils").glob("*.py")}
+    for nb in (ROOT / "notebooks").glob("*.ipynb"):
+        cells = json.loads(nb.read_text())["cells"]
+        sources[nb.name] = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    offenders = [name for name, text in sources.items() if re.search(r"\.cuda\(\s*\)", text)]
+    assert not offenders, f"hard-coded .cuda() calls in {offenders}; take a device argument and use .to(device)"
