@@ -779,6 +779,7 @@ def _write_json(path: str, obj: dict[str, Any]) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # a results file for the book, readable like any other
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
