@@ -254,25 +254,25 @@ def _fused_sgd_epoch(model: BiasedMF, u: torch.Tensor, i: torch.Tensor, r: torch
     biases = (model.user_bias.weight[:, 0], model.item_bias.weight[:, 0]) if model.user_bias is not None else None
     step = 2 * lr / batch_size
     totals = torch.zeros(2, device=r.device)
-    for bu, bi, br in zip(us.split(batch_size), its.split(batch_size), rs.split(batch_size)):  # (B,) each
-        p, q = tables[0].index_select(0, bu), tables[1].index_select(0, bi)  # (B, k) each, copies
+    for bat_u, bat_i, bat_r in zip(us.split(batch_size), its.split(batch_size), rs.split(batch_size)):  # (B,) each
+        p, q = tables[0].index_select(0, bat_u), tables[1].index_select(0, bat_i)  # (B, k) each, copies
         pred = torch.linalg.vecdot(p, q) + model.global_mean  # (B,)
         penalty = torch.linalg.vecdot(p, p) + torch.linalg.vecdot(q, q)  # (B,)
         if biases is not None:
-            b_u, b_i = biases[0].index_select(0, bu), biases[1].index_select(0, bi)  # (B,) each
+            b_u, b_i = biases[0].index_select(0, bat_u), biases[1].index_select(0, bat_i)  # (B,) each
             pred = pred + b_u + b_i
             penalty = penalty + b_u * b_u + b_i * b_i
-        err = br - pred  # (B,), float32
+        err = bat_r - pred  # (B,), float32
         totals += torch.stack([(err * err + reg * penalty).sum(), (err * err).sum()])
         e = err.to(p.dtype)[:, None]  # (B, 1)
         grad_q = q.mul(-reg).addcmul_(p, e)  # e p_u - lambda q_i: (B, k)
         grad_p = p.mul_(-reg).addcmul_(q, e)  # e q_i - lambda p_u, in p's buffer: (B, k)
-        tables[0].index_add_(0, bu, grad_p, alpha=step)
-        tables[1].index_add_(0, bi, grad_q, alpha=step)
+        tables[0].index_add_(0, bat_u, grad_p, alpha=step)
+        tables[1].index_add_(0, bat_i, grad_q, alpha=step)
         if biases is not None:
             err = err.to(b_u.dtype)
-            biases[0].index_add_(0, bu, err - reg * b_u, alpha=step)
-            biases[1].index_add_(0, bi, err - reg * b_i, alpha=step)
+            biases[0].index_add_(0, bat_u, err - reg * b_u, alpha=step)
+            biases[1].index_add_(0, bat_i, err - reg * b_i, alpha=step)
     return totals
 
 
