@@ -20,8 +20,8 @@ from mfutils.data import RatingData
 from mfutils.models import BiasedMF
 from mfutils.train import _by_row, als_half_step
 
-__all__ = ["score_users", "top_k", "top_k_from_scores", "RankingReport", "ranking_metrics", "relevant_items",
-           "similar_items", "fold_in"]
+__all__ = ["score_users", "top_k", "top_k_from_scores", "mask_rated", "RankingReport", "ranking_metrics",
+           "relevant_items", "similar_items", "fold_in"]
 
 _USER_CHUNK = 1024  # users scored per matrix product in top_k: bounds the (chunk, n_items) score block
 
@@ -97,16 +97,36 @@ def top_k(model: BiasedMF, k: int = 10, *, exclude: RatingData | None = None,
     out_items, out_scores = [], []
     for chunk in users.split(_USER_CHUNK):  # (c,)
         scores = score_users(model, chunk)  # (c, n_items)
-        if seen is not None:  # the chunk's rated items: its users' slices of the CSR arrays
-            crow, cols = seen
-            starts, counts = crow[chunk], crow[chunk + 1] - crow[chunk]  # (c,)
-            rows = torch.repeat_interleave(torch.arange(len(chunk), device=chunk.device), counts)  # (nnz_c,)
-            entries = torch.arange(len(rows), device=chunk.device) + (starts - torch.cumsum(counts, 0) + counts)[rows]
-            scores[rows, cols[entries]] = -torch.inf
+        if seen is not None:
+            _mask(scores, chunk, *seen)
         items, top = top_k_from_scores(scores, k)
         out_items.append(items)
         out_scores.append(top)
     return torch.cat(out_items), torch.cat(out_scores)
+
+
+def _mask(scores: torch.Tensor, users: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor) -> None:
+    """Set ``scores[row, item] = -inf`` for every item that ``users[row]`` has in the CSR arrays ``crow, cols``."""
+    starts, counts = crow[users], crow[users + 1] - crow[users]  # (c,)
+    rows = torch.repeat_interleave(torch.arange(len(users), device=users.device), counts)  # (nnz_c,)
+    entries = torch.arange(len(rows), device=users.device) + (starts - torch.cumsum(counts, 0) + counts)[rows]
+    scores[rows, cols[entries]] = -torch.inf
+
+
+def mask_rated(scores: torch.Tensor, rated: RatingData, users: torch.Tensor | None = None) -> torch.Tensor:
+    """``scores`` (``(m, n_items)``, rows for ``users``, default all) with every pair in ``rated`` set to ``-inf``.
+
+    For rankings that do not come from a model, such as a popularity or random baseline. Works in place
+    and returns ``scores``.
+    """
+    users = torch.arange(scores.shape[0]) if users is None else torch.as_tensor(users, dtype=torch.int64)
+    if scores.shape != (len(users), rated.n_items):
+        raise ValueError(f"scores must have shape (len(users), n_items) = ({len(users)}, {rated.n_items}); "
+                         f"got {tuple(scores.shape)}")
+    users = users.to(scores.device)
+    _, crow, cols = _by_row(rated.user_idx.to(scores.device), rated.item_idx.to(scores.device), rated.n_users)
+    _mask(scores, users, crow, cols)
+    return scores
 
 
 def relevant_items(test: RatingData, users: torch.Tensor, *, threshold: float | None = None) -> list[set[int]]:
@@ -190,13 +210,14 @@ def ranking_metrics(items: torch.Tensor, relevant: list[set[int]], n_items: int)
 
 
 @torch.no_grad()
-def similar_items(model: BiasedMF, item: int, k: int = 10, *, with_bias: bool = False) -> tuple[torch.Tensor,
-                                                                                                torch.Tensor]:
+def similar_items(model: BiasedMF, item: int, k: int = 10, *, with_bias: bool = False,
+                  allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The ``k`` items whose factor vectors have the highest cosine similarity with ``item``'s.
 
     :math:`\cos(q_i, q_j) = q_i^\top q_j / (\lVert q_i\rVert \lVert q_j\rVert)`; with ``with_bias`` the
     vectors are :math:`(q_i, b_i)`, so items that are liked or disliked alike also count as similar.
-    The item itself is left out; ties by increasing item number.
+    The item itself is left out, and so is any item where ``allowed`` (bool, ``(n_items,)``) is false, for
+    instance items with too few ratings for their factors to mean much; ties by increasing item number.
 
     Returns:
         ``(items, similarities)``, shapes ``(k,)``.
@@ -211,6 +232,8 @@ def similar_items(model: BiasedMF, item: int, k: int = 10, *, with_bias: bool = 
     unit = torch.nn.functional.normalize(vectors, dim=1)  # (n_items, d)
     sims = unit @ unit[item]  # (n_items,)
     sims[item] = -torch.inf
+    if allowed is not None:
+        sims[~allowed.to(sims.device)] = -torch.inf
     found, top = top_k_from_scores(sims[None, :], k)
     return found[0], top[0]
 

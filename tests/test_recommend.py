@@ -54,6 +54,14 @@ def test_top_k_equals_sorting_each_users_unrated_items(trained, monkeypatch):
         assert_close(scores[u], pred[expected])
 
 
+def test_mask_rated_hides_exactly_the_rated_pairs_of_the_given_users():
+    rated = _ratings([0, 0, 2, 3], [1, 4, 0, 4], [4.0, 3.0, 5.0, 1.0], 4, 5)
+    scores = recommend.mask_rated(torch.zeros(2, 5), rated, users=torch.tensor([3, 0]))
+    assert torch.isneginf(scores).nonzero().tolist() == [[0, 4], [1, 1], [1, 4]]
+    with pytest.raises(ValueError, match=r"scores must have shape \(len\(users\), n_items\) = \(4, 5\)"):
+        recommend.mask_rated(torch.zeros(4, 6), rated)
+
+
 def test_ties_go_to_the_lower_item_and_exhausted_lists_are_padded():
     scores = torch.tensor([[1.0, 2.0, 2.0, -torch.inf], [-torch.inf, -torch.inf, 0.5, -torch.inf]])
     items, top = recommend.top_k_from_scores(scores, 3)
@@ -115,6 +123,10 @@ def test_similar_items_rank_by_cosine_and_leave_the_item_out(trained):
     assert_close(sims, cos[items])
     with_bias, _ = recommend.similar_items(model, 5, k=4, with_bias=True)
     assert 5 not in with_bias.tolist()
+    allowed = torch.ones(model.n_items, dtype=torch.bool)
+    allowed[items[:2]] = False
+    filtered, _ = recommend.similar_items(model, 5, k=2, allowed=allowed)
+    assert filtered.tolist() == items[2:4].tolist()
     with pytest.raises(ValueError, match=r"item must be a number in 0\.\.49; got 50"):
         recommend.similar_items(model, 50)
 
