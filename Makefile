@@ -17,14 +17,13 @@ endif
 # outputs are produced or checked (the test run uses two processes on two cores).
 REPRO_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TQDM_DISABLE=1 PYDEVD_DISABLE_FILE_VALIDATION=1
 
-NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
 .PHONY: help setup book test execute bench bench-devices clean
 
 help:
 	@echo "make book     set up .venv and build the HTML book into _build/html (offline, seconds after setup)"
 	@echo "make test     set up .venv and run every test: mfutils, nbval over all notebooks, the book in a browser"
-	@echo "make execute  (authors) re-execute every notebook and rewrite its stored outputs"
+	@echo "make execute  (authors) re-execute every notebook [NB=...], rewrite its outputs, record its run time"
 	@echo "make bench    (on demand) benchmark the CLI default against Surprise, LensKit and the article on the ml-100k folds"
 	@echo "make bench-devices [DEVICE=cuda]  (on demand) time an epoch per method, size and rank on one device"
 	@echo "make clean    remove _build"
@@ -47,10 +46,9 @@ test: $(STAMP)
 	  --nbval --nbval-current-env --nbval-cell-timeout=300 \
 	  --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider -ra $(PYTEST_ARGS)
 
+# Writes each notebook's wall time to book/results/execution.json (see book/_ext/execute_notebooks.py).
 execute: $(STAMP)
-	$(REPRO_ENV) $(BIN)/python -m jupyter nbconvert --to notebook --execute --inplace \
-	  --ExecutePreprocessor.timeout=300 --ExecutePreprocessor.record_timing=False \
-	  --ExecutePreprocessor.kernel_name=python3 $(if $(NB),$(NB),$(NOTEBOOKS))
+	$(REPRO_ENV) $(BIN)/python book/_ext/execute_notebooks.py $(NB)
 
 # LensKit needs pandas 2 while requirements.txt pins pandas 3, so it gets its own environment under .venv;
 # if it cannot be installed, the benchmark still runs and its JSON says why LensKit is missing.

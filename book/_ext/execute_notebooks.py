@@ -1,0 +1,93 @@
+"""`make execute`: re-execute notebooks in place and record how long each took.
+
+Each notebook runs through the same nbconvert command as always (one kernel, no timing metadata, so the
+stored outputs carry no timestamps); the wall time of that command, kernel start included, goes to
+``book/results/execution.json``, which the execution-statistics appendix and the instructors' guide render.
+Notebooks that read that file run last, and are re-run whenever any notebook was executed, so what they
+show is the file as it stands. A notebook that fails stops the run; its time is not recorded.
+
+Usage: ``python book/_ext/execute_notebooks.py [NOTEBOOK ...]`` (all of ``notebooks/`` by default).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "book" / "results" / "execution.json"
+NBCONVERT = ["-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", "--inplace",
+             "--ExecutePreprocessor.timeout=300", "--ExecutePreprocessor.record_timing=False",
+             "--ExecutePreprocessor.kernel_name=python3"]
+
+
+def reads_statistics(path: Path) -> bool:
+    """Whether a notebook renders ``execution.json`` (then it must run after the others)."""
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    return any("execution.json" in "".join(c["source"]) for c in cells if c["cell_type"] == "code")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _load() -> dict:
+    if RESULTS.is_file():
+        return json.loads(RESULTS.read_text(encoding="utf-8"))
+    return {"about": "wall seconds of `make execute` per notebook (nbconvert, kernel start included), "
+                     "one thread per process", "notebooks": {}}
+
+
+def _save(stats: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=RESULTS.parent, prefix=".execution-", suffix=".json.tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(stats, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, RESULTS)
+
+
+def execute(path: Path, stats: dict) -> None:
+    print(f"executing {path.relative_to(ROOT)}", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, *NBCONVERT, str(path)], cwd=ROOT)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"error: {path.relative_to(ROOT)} failed to execute (exit {proc.returncode}); "
+                 "its outputs were not rewritten and its time was not recorded")
+    stats["notebooks"][path.name] = {
+        "seconds": round(seconds, 2), "date": datetime.date.today().isoformat(),
+        "cpu": _cpu_model(), "cores": os.cpu_count(), "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None}
+    _save(stats)
+    print(f"  {seconds:.1f} s", flush=True)
+
+
+def main(argv: list[str]) -> int:
+    everything = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    chosen = [Path(a).resolve() for a in argv] or everything
+    for path in chosen:
+        if not path.is_file() or path.suffix != ".ipynb":
+            print(f"error: {path} is not a notebook; name files under notebooks/, e.g. "
+                  "make execute NB=notebooks/01_meet_the_data.ipynb", file=sys.stderr)
+            return 2
+    stats = _load()
+    stats["notebooks"] = {k: v for k, v in stats["notebooks"].items() if (ROOT / "notebooks" / k).is_file()}
+    last = [p for p in everything if reads_statistics(p)]
+    for path in [p for p in chosen if p not in last] + last:
+        execute(path, stats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
