@@ -50,9 +50,10 @@ def _cache_results() -> Path:
 def results_file(name: str, *, required: bool = True, url: str = RESULTS_URL) -> Path | None:
     """Path of the committed results file ``book/results/<name>``.
 
-    Looked for in the repository checkout that holds this package (a clone, Binder), then in the cache
-    folder (``$MFUTILS_CACHE_DIR/results``, else ``~/.cache/mfutils/results``), then downloaded from the
-    book's repository into that folder (Colab, where only the package was installed).
+    In a clone of the book (the package next to ``book/results``: locally, Binder) only that folder counts,
+    and nothing is downloaded. Where only the package was installed (Colab), the file is taken from the
+    cache folder (``$MFUTILS_CACHE_DIR/results``, else ``~/.cache/mfutils/results``), or downloaded from
+    the book's repository into it.
 
     Args:
         name: file name, e.g. ``"folds.json"``.
@@ -63,10 +64,16 @@ def results_file(name: str, *, required: bool = True, url: str = RESULTS_URL) ->
     """
     if not name or Path(name).name != name:
         raise ValueError(f"results_file(): name must be a bare file name such as 'folds.json'; got {name!r}")
-    for folder in (_checkout_results(), _cache_results()):
-        if (folder / name).is_file():
-            return folder / name
-    target = _cache_results() / name
+    checkout, target = _checkout_results(), _cache_results() / name
+    if checkout.is_dir():  # a clone of the book: a file that is not here has not been recorded
+        if (checkout / name).is_file():
+            return checkout / name
+        if not required:
+            return None
+        raise FileNotFoundError(f"results file {name!r} is not in {checkout}; the command that writes it is "
+                                "named in the notebook that reads it (see also the Makefile's bench targets)")
+    if target.is_file():
+        return target
     try:
         with urllib.request.urlopen(url.format(name=name), timeout=30) as response:
             payload = response.read()

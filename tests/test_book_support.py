@@ -53,8 +53,18 @@ def test_glue_without_myst_nb_shows_only_what_is_displayed(monkeypatch, capsys):
     assert capsys.readouterr().out.strip() == "2.5"
 
 
-def test_results_file_prefers_the_checkout():
+def test_results_file_in_a_clone_never_downloads(served):
     assert book.results_file("folds.json") == ROOT / "book" / "results" / "folds.json"
+    assert book.results_file("remote.json", required=False, url=served) is None  # not recorded here
+    with pytest.raises(FileNotFoundError, match="is not in"):
+        book.results_file("remote.json", url=served)
+
+
+@pytest.fixture
+def installed_alone(monkeypatch, tmp_path):
+    """As in Colab: the package without the book's folders beside it, and an empty cache."""
+    monkeypatch.setattr(book, "_checkout_results", lambda: tmp_path / "no-checkout")
+    monkeypatch.setenv("MFUTILS_CACHE_DIR", str(tmp_path / "cache"))
 
 
 @pytest.fixture
@@ -76,8 +86,7 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def test_results_file_downloads_once_into_the_cache(monkeypatch, tmp_path, served):
-    monkeypatch.setenv("MFUTILS_CACHE_DIR", str(tmp_path / "cache"))
+def test_results_file_downloads_once_into_the_cache(installed_alone, tmp_path, served):
     path = book.results_file("remote.json", url=served)
     assert path == tmp_path / "cache" / "results" / "remote.json"
     assert json.loads(path.read_text()) == {"ok": True}
@@ -86,8 +95,7 @@ def test_results_file_downloads_once_into_the_cache(monkeypatch, tmp_path, serve
     assert book.results_file("remote.json", url=served) == path  # the cached copy, no second download
 
 
-def test_results_file_missing(monkeypatch, tmp_path, served):
-    monkeypatch.setenv("MFUTILS_CACHE_DIR", str(tmp_path / "cache"))
+def test_results_file_missing(installed_alone, tmp_path, served):
     assert book.results_file("devices_none.json", required=False, url=served) is None
     with pytest.raises(FileNotFoundError, match="clone the book's repository"):
         book.results_file("devices_none.json", url=served)

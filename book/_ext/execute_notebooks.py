@@ -3,8 +3,8 @@
 Each notebook runs through the same nbconvert command as always (one kernel, no timing metadata, so the
 stored outputs carry no timestamps); the wall time of that command, kernel start included, goes to
 ``book/results/execution.json``, which the execution-statistics appendix and the instructors' guide render.
-Notebooks that read that file run last, and are re-run whenever any notebook was executed, so what they
-show is the file as it stands. A notebook that fails stops the run; its time is not recorded.
+Notebooks that read that file run last, whenever any notebook was executed: once timed, then once more
+untimed, so what they show is the file as it stands, their own times included. A notebook that fails stops the run; its time is not recorded.
 
 Usage: ``python book/_ext/execute_notebooks.py [NOTEBOOK ...]`` (all of ``notebooks/`` by default).
 """
@@ -58,14 +58,16 @@ def _save(stats: dict) -> None:
     os.replace(tmp, RESULTS)
 
 
-def execute(path: Path, stats: dict) -> None:
-    print(f"executing {path.relative_to(ROOT)}", flush=True)
+def execute(path: Path, stats: dict, *, record: bool = True) -> None:
+    print(f"executing {path.relative_to(ROOT)}" + ("" if record else " again, to show the final times"), flush=True)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, *NBCONVERT, str(path)], cwd=ROOT)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"error: {path.relative_to(ROOT)} failed to execute (exit {proc.returncode}); "
                  "its outputs were not rewritten and its time was not recorded")
+    if not record:
+        return
     stats["notebooks"][path.name] = {
         "seconds": round(seconds, 2), "date": datetime.date.today().isoformat(),
         "cpu": _cpu_model(), "cores": os.cpu_count(), "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None}
@@ -86,6 +88,8 @@ def main(argv: list[str]) -> int:
     last = [p for p in everything if reads_statistics(p)]
     for path in [p for p in chosen if p not in last] + last:
         execute(path, stats)
+    for path in last:
+        execute(path, stats, record=False)
     return 0
 
 
