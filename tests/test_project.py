@@ -60,3 +60,11 @@ def test_no_code_hard_codes_a_gpu():
         sources[nb.name] = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
     offenders = [name for name, text in sources.items() if re.search(r"\.cuda\(\s*\)", text)]
     assert not offenders, f"hard-coded .cuda() calls in {offenders}; take a device argument and use .to(device)"
+
+
+def test_binder_gets_the_cpu_build_of_torch():
+    """Binder builds from environment.yml: PyTorch's CPU index must come first, or pip pulls the CUDA build."""
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in pip
+    assert "-e ." in pip, "Binder must install mfutils from the repository"
