@@ -5,6 +5,7 @@
 - :func:`results_file` finds a committed results file (``book/results/<name>``): in the checkout next to the
   package, else downloaded once from the book's repository into the cache folder.
 - :func:`check` tells a student whether an exercise answer is right, without printing the answer.
+- :func:`citation` gives the BibTeX entry for citing the book (the same facts as ``CITATION.cff``).
 """
 from __future__ import annotations
 
@@ -20,9 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["glue", "results_file", "check", "REPOSITORY", "RESULTS_URL"]
+__all__ = ["glue", "results_file", "check", "citation", "TITLE", "AUTHORS", "YEAR", "REPOSITORY", "RESULTS_URL"]
 
-REPOSITORY = "https://github.com/mf-pytorch-book/mf-pytorch-book"  # as in _config.yml
+TITLE = "Matrix factorization in PyTorch"  # as in _config.yml and CITATION.cff (a test keeps them equal)
+AUTHORS = "The mfutils authors"
+YEAR = 2026
+REPOSITORY = "https://github.com/mf-pytorch-book/mf-pytorch-book"
 RESULTS_URL = "https://raw.githubusercontent.com/mf-pytorch-book/mf-pytorch-book/main/book/results/{name}"
 
 
@@ -139,3 +143,18 @@ def check(label: str, answer: Any, expected: Any, *, rel_tol: float = 1e-3, abs_
         tolerance = f" (numbers must agree within {rel_tol:.2%})" if rel_tol else ""
         print(f"{label}: not yet{tolerance}; compare your steps with the chapter and try again.")
     return right
+
+
+def citation() -> str:
+    """BibTeX for the book at this package's version, e.g. for a syllabus or a paper."""
+    from mfutils import __version__
+
+    return "\n".join([
+        "@misc{mf_pytorch_book,",
+        f"  title        = {{{TITLE}}},",
+        f"  author       = {{{{{AUTHORS}}}}},",
+        f"  year         = {{{YEAR}}},",
+        f"  version      = {{{__version__}}},",
+        f"  howpublished = {{An executable book, {REPOSITORY}}},",
+        f"  url          = {{{REPOSITORY}}}",
+        "}"])

@@ -163,3 +163,62 @@ def test_page_renders_for_a_reader(browser, server, doc):
 def test_some_page_typesets_math(browser, server):
     page, _, _ = open_page(browser, f"{server}/book/intro.html")
     assert page.locator("article mjx-container").count() >= 2
+
+
+def notebook_docs() -> list[str]:
+    return [doc for doc in toc_files() if (ROOT / f"{doc}.ipynb").is_file()]
+
+
+@pytest.mark.parametrize("doc", notebook_docs())
+def test_notebook_pages_offer_launch_and_download(browser, server, doc):
+    """A reader can open each notebook page in Colab or Binder, on the right file, or download it."""
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    repo = config["repository"]["url"].removeprefix("https://github.com/")
+    branch = config["repository"]["branch"]
+    page, _, _ = open_page(browser, f"{server}/{doc}.html")
+    hrefs = page.eval_on_selector_all("a[href]", "links => links.map(a => a.getAttribute('href'))")
+    colab = f"https://colab.research.google.com/github/{repo}/blob/{branch}/{doc}.ipynb"
+    binder = f"https://mybinder.org/v2/gh/{repo}/{branch}?urlpath=lab/tree/{doc}.ipynb"
+    assert colab in hrefs, f"{doc}: no Colab button pointing at {colab}"
+    assert binder in hrefs, f"{doc}: no Binder button pointing at {binder}"
+    download = [h for h in hrefs if h.endswith(f"_sources/{doc}.ipynb")]
+    assert download, f"{doc}: no download button for the .ipynb"
+    response = page.request.get(f"{server}/{doc}.html".rsplit("/", 1)[0] + "/" + download[0])
+    assert response.ok, f"{doc}: the download button's {download[0]} does not load"
+    assert json.loads(response.body()) == json.loads((ROOT / f"{doc}.ipynb").read_text()), (
+        f"{doc}: the downloadable notebook differs from notebooks/{Path(doc).name}.ipynb")
+    page.close()
+
+
+def test_every_page_is_reachable_and_no_internal_link_is_broken(browser, server):
+    """Follow the links from the first page; every link inside the book must load, and its anchor exist."""
+    from urllib.parse import urldefrag, urljoin
+
+    start = f"{server}/{toc_files()[0]}.html"
+    seen, queue, broken = {start}, [start], []
+    ids: dict[str, set[str]] = {}  # page -> the ids on it
+    wanted: dict[str, set[tuple[str, str]]] = {}  # page -> (anchor, linking page)
+    page = browser.new_page()
+    while queue:
+        url = queue.pop()
+        response = page.goto(url, wait_until="load")
+        if response is None or not response.ok:
+            broken.append(f"{url} ({response and response.status})")
+            continue
+        ids[url] = set(page.eval_on_selector_all("[id]", "nodes => nodes.map(n => n.id)"))
+        for href in page.eval_on_selector_all("a[href]", "links => links.map(a => a.getAttribute('href'))"):
+            target, fragment = urldefrag(urljoin(url, href))
+            if not target.startswith(server) or not target.endswith(".html"):
+                continue  # outside the book (GitHub, Colab, Binder), or a file such as the .ipynb download
+            if fragment:
+                wanted.setdefault(target, set()).add((fragment, url))
+            if target not in seen:
+                seen.add(target)
+                queue.append(target)
+    page.close()
+    assert not broken, f"internal links that do not load: {broken}"
+    missing = [doc for doc in toc_files() if f"{server}/{doc}.html" not in seen]
+    assert not missing, f"pages in _toc.yml that no link reaches from {start}: {missing}"
+    bad = sorted(f"{target}#{fragment} (linked from {source})" for target, links in wanted.items()
+                 for fragment, source in links if target in ids and fragment not in ids[target])
+    assert not bad, f"links to anchors that do not exist: {bad[:10]}"

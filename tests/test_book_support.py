@@ -128,3 +128,20 @@ def test_check_compares_answers(capsys, answer, expected, right):
 def test_check_without_an_answer_says_how(capsys):
     assert book.check("Exercise 2", None, 1.0) is False
     assert "put your answer" in capsys.readouterr().out
+
+
+def test_citation_agrees_with_citation_cff_and_the_book_config():
+    import yaml
+
+    from mfutils import __version__
+
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert cff["title"] == book.TITLE == config["title"]
+    assert cff["authors"] == [{"name": book.AUTHORS}] and config["author"] == book.AUTHORS
+    assert cff["version"] == __version__ and str(book.YEAR) == str(config["copyright"])
+    assert cff["repository-code"] == book.REPOSITORY == config["repository"]["url"]
+    entry = book.citation()
+    assert entry.startswith("@misc{") and entry.count("{") == entry.count("}")
+    for fact in (book.TITLE, book.AUTHORS, str(book.YEAR), __version__, book.REPOSITORY):
+        assert fact in entry

@@ -1,6 +1,7 @@
 """Checks on the stored notebooks that nbval does not make: one clean run, no machine traces, chapter shape."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -11,7 +12,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-CHAPTERS = [p for p in NOTEBOOKS if not p.name.startswith("appendix_")]  # appendices render results only
+CHAPTERS = [p for p in NOTEBOOKS if re.match(r"\d\d_", p.name)]  # the guide and the appendices are not chapters
 HEADINGS = ["Overview", "Summary", "Exercises", "References"]
 
 
@@ -92,3 +93,22 @@ def test_outputs_are_short(path):
         text = "".join("".join(out.get("text", "")) + "".join(out.get("data", {}).get("text/plain", ""))
                        for out in c.get("outputs", []))
         assert len(text) < 4000, f"{path.name}: a cell prints {len(text)} characters; print less"
+
+
+def _execute_script():
+    spec = importlib.util.spec_from_file_location("execute_notebooks", ROOT / "book" / "_ext" / "execute_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_execution_record_is_current(path):
+    """book/results/execution.json (run times, and what the instructors' guide says of each chapter) must
+    describe the notebook as it is now: `make execute` rewrites it with the stored outputs."""
+    record = json.loads((ROOT / "book" / "results" / "execution.json").read_text())["notebooks"]
+    assert path.name in record, f"{path.name} has no recorded run time; run `make execute NB={path.relative_to(ROOT)}`"
+    entry, now = record[path.name], _execute_script().describe(path)
+    stale = {key: (entry.get(key), value) for key, value in now.items() if entry.get(key) != value}
+    assert not stale, f"{path.name}: execution.json is stale {stale}; run `make execute NB={path.relative_to(ROOT)}`"
+    assert 0 < entry["seconds"] <= 60, f"{path.name}: recorded run of {entry['seconds']} s; the budget is 60 s"

@@ -2,7 +2,7 @@
 
 Each notebook runs through the same nbconvert command as always (one kernel, no timing metadata, so the
 stored outputs carry no timestamps); the wall time of that command, kernel start included, goes to
-``book/results/execution.json``, which the execution-statistics appendix and the instructors' guide render.
+``book/results/execution.json`` with a description of the notebook (:func:`describe`), which the execution-statistics appendix and the instructors' guide render.
 Notebooks that read that file run last, whenever any notebook was executed: once timed, then once more
 untimed, so what they show is the file as it stands, their own times included. A notebook that fails stops the run; its time is not recorded.
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,36 @@ def reads_statistics(path: Path) -> bool:
     """Whether a notebook renders ``execution.json`` (then it must run after the others)."""
     cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
     return any("execution.json" in "".join(c["source"]) for c in cells if c["cell_type"] == "code")
+
+
+def title(path: Path) -> str:
+    """The notebook's first heading, which is how the table of contents names the page."""
+    for cell in json.loads(path.read_text(encoding="utf-8"))["cells"]:
+        for line in "".join(cell["source"]).splitlines():
+            if cell["cell_type"] == "markdown" and line.startswith("# "):
+                return line[2:].strip()
+    return path.stem
+
+
+def describe(path: Path) -> dict:
+    """What an instructor plans with: prose length, code cells, figures, exercises (and which ones check the
+    student's answer), the chapter's learning objectives and required knowledge, read from the notebook."""
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    prose = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    code = [c for c in cells if c["cell_type"] == "code" and "remove-cell" not in c["metadata"].get("tags", [])]
+    objectives = re.search(r"you will learn to:\n\n((?:- .*\n?)+)", prose)
+    required = re.search(r"\*\*Required knowledge:\*\*\s*(.*)", prose)
+    return {
+        "title": title(path),
+        "words": len(prose.split()),
+        "code_cells": len(code),
+        "figures": sum("image/png" in o.get("data", {}) for c in code for o in c.get("outputs", [])),
+        "exercises": len(re.findall(r"\{admonition\} Exercise \d+", prose)),
+        "checked_exercises": sorted({int(n) for c in code
+                                     for n in re.findall(r'check\("Exercise (\d+)"', "".join(c["source"]))}),
+        "objectives": [line[2:].strip() for line in objectives.group(1).splitlines()] if objectives else [],
+        "required": required.group(1).strip() if required else "",
+    }
 
 
 def _cpu_model() -> str:
@@ -68,7 +99,7 @@ def execute(path: Path, stats: dict, *, record: bool = True) -> None:
                  "its outputs were not rewritten and its time was not recorded")
     if not record:
         return
-    stats["notebooks"][path.name] = {
+    stats["notebooks"][path.name] = describe(path) | {
         "seconds": round(seconds, 2), "date": datetime.date.today().isoformat(),
         "cpu": _cpu_model(), "cores": os.cpu_count(), "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None}
     _save(stats)
@@ -84,7 +115,9 @@ def main(argv: list[str]) -> int:
                   "make execute NB=notebooks/01_meet_the_data.ipynb", file=sys.stderr)
             return 2
     stats = _load()
-    stats["notebooks"] = {k: v for k, v in stats["notebooks"].items() if (ROOT / "notebooks" / k).is_file()}
+    stats["notebooks"] = {k: v | describe(ROOT / "notebooks" / k)  # the notebooks as they read now
+                          for k, v in stats["notebooks"].items() if (ROOT / "notebooks" / k).is_file()}
+    _save(stats)
     last = [p for p in everything if reads_statistics(p)]
     for path in [p for p in chosen if p not in last] + last:
         execute(path, stats)
