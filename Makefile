@@ -18,7 +18,7 @@ endif
 REPRO_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TQDM_DISABLE=1 PYDEVD_DISABLE_FILE_VALIDATION=1
 
 
-.PHONY: help setup book test execute bench bench-devices clean
+.PHONY: help setup book test execute bench bench-devices bench-spark clean
 
 help:
 	@echo "make book     set up .venv and build the HTML book into _build/html (offline, seconds after setup)"
@@ -26,6 +26,7 @@ help:
 	@echo "make execute  (authors) re-execute every notebook [NB=...], rewrite its outputs, record its run time"
 	@echo "make bench    (on demand) benchmark the CLI default against Surprise, LensKit and the article on the ml-100k folds"
 	@echo "make bench-devices [DEVICE=cuda]  (on demand) time an epoch per method, size and rank on one device"
+	@echo "make bench-spark  (on demand; needs Java 17) Spark MLlib's ALS beside mfutils's on the same data"
 	@echo "make clean    remove _build"
 
 setup: $(STAMP)
@@ -66,6 +67,12 @@ DEVICE ?= cpu
 
 bench-devices: $(STAMP)
 	$(BIN)/python -m mfutils.bench devices --device $(DEVICE) --out book/results/devices_$(DEVICE).json
+
+# The chapter beyond one machine: Spark MLlib's ALS in local mode, fit_als and mfutils.distributed on the same
+# synthetic ML-1M-size ratings; writes book/results/spark_als.json. pyspark is installed here only (not by setup).
+bench-spark: $(STAMP)
+	$(BIN)/python -m pip install --quiet -r requirements-bench-spark.txt
+	$(BIN)/python -m mfutils.bench spark --out book/results/spark_als.json
 
 clean:
 	rm -rf _build

@@ -16,14 +16,23 @@ interpreter, and this file is its worker (``python -I bench.py lenskit-worker FO
 the SGD-type paths and one ALS sweep on synthetic ratings of MovieLens sizes (ml-100k … ml-20m) and ranks,
 each configuration in its own child process (``_one``) so that its peak memory is its own, and sets each time
 against the bound that :func:`bytes_per_epoch` and the copy bandwidth measured in the same run give.
+
+``python -m mfutils.bench spark [--out book/results/spark_als.json] [--size N_USERS N_ITEMS N_RATINGS] ...`` fits
+Spark MLlib's ALS in local mode (:func:`run_spark`, in a child interpreter: ``_spark-worker``), ``fit_als`` in this
+process and ``mfutils.distributed`` on the same synthetic ratings and split, to the same objective, and scores
+them with one function. pyspark is optional (``make bench-spark`` installs it); without it or without Java the
+JSON says why Spark was skipped.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -35,7 +44,7 @@ import numpy as np
 import torch
 
 __all__ = ["time_it", "machine_info", "copy_bandwidth", "matmul_rate", "fit_article", "run_folds",
-           "bytes_per_epoch", "transfer_costs", "timing_demo", "run_devices", "main"]
+           "bytes_per_epoch", "transfer_costs", "timing_demo", "run_devices", "run_spark", "main"]
 
 SLOW_SECONDS = 5.0  # a method whose warm-up fit+predict takes longer is timed once per fold, not `repeats` times
 
@@ -771,6 +780,442 @@ def _print_device_row(row: dict[str, Any]) -> None:
           f"ratio {row['ratio']:.2f}, peak {row['peak_rss_bytes'] / 1e9:.2f} GB", file=sys.stderr, flush=True)
 
 
+# ---------------------------------------------------------------- spark: MLlib's ALS beside mfutils's, same data
+
+SPARK_INSTALL = "make bench-spark (pip install -r requirements-bench-spark.txt; Spark 4 needs Java 17 or 21)"
+SPARK_DRIVER_MEMORY = "2g"  # ML-1M's ratings and factor blocks need a few hundred MB
+SPARK_TIMEOUT = 1800.0  # seconds for the Spark worker, JVM start included
+DISTRIBUTED_TIMEOUT = 900.0  # seconds for the torchrun group of mfutils.distributed
+_EVAL_CHUNK = 1 << 18  # ratings per step when scoring: bounds the (chunk, rank) temporaries
+
+SPARK_OBJECTIVE = (
+    "L = (1/N) [ sum_(u,i) (r_ui - p_u.q_i)^2 + reg (sum_u n_u |p_u|^2 + sum_i n_i |q_i|^2) ]: Spark MLlib's "
+    "explicit ALS (no biases, ratings not centred, regParam times each row's rating count, ALS-WR) and "
+    "mfutils.train.fit_als on BiasedMF(biases=False, global_mean=0.0) minimise this same L, with the same "
+    "exact per-row ridge solves; only the starting factors differ")
+SPARK_PROTOCOL = (
+    "one synthetic data set and one random split for every system; Spark and fit_als fit twice from the same "
+    "start (fit_seconds_first includes first-call costs: Spark's JIT and task set-up, torch's thread pools; "
+    "fit_seconds_warm is the second fit), mfutils.distributed once (a fresh process group per launch); RMSEs "
+    "are computed here, by one function, from each system's trained factors, unclipped; test RMSE is over "
+    "the test ratings whose user and item both have training ratings, the rows Spark's "
+    "coldStartStrategy='drop' keeps (n_test_dropped: the rest); train_loss is L")
+
+
+def _java_version() -> tuple[str | None, str | None]:
+    """(first line of ``java -version``, None), or (None, why Java cannot be used); JAVA_HOME first, as pyspark."""
+    home = os.environ.get("JAVA_HOME")
+    java = os.path.join(home, "bin", "java") if home else shutil.which("java")
+    if not java or not os.access(java, os.X_OK):
+        where = f"JAVA_HOME={home} has no bin/java" if home else "no `java` on PATH and JAVA_HOME is unset"
+        return None, f"Java was not found ({where}); install a JDK 17 or 21 (e.g. apt-get install openjdk-17-jre)"
+    try:
+        proc = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"`{java} -version` failed: {type(exc).__name__}: {exc}"
+    lines = (proc.stderr or proc.stdout).strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return None, f"`{java} -version` exited {proc.returncode}: {lines[-1] if lines else 'no output'}"
+    return lines[0].strip(), None
+
+
+def _spark_unavailable() -> tuple[str | None, str | None]:
+    """(reason Spark cannot run here or None, Java version string or None). Imports pyspark; starts no Spark."""
+    try:
+        import pyspark  # noqa: F401  (optional: only requirements-bench-spark.txt installs it)
+    except ImportError as exc:
+        return f"pyspark is not installed ({type(exc).__name__}: {exc}); install it with {SPARK_INSTALL}", None
+    java, why = _java_version()
+    if java is None:
+        return f"{why}; pyspark needs it to start Spark ({SPARK_INSTALL})", None
+    return None, java
+
+
+_LOG4J = """\
+rootLogger.level = error
+rootLogger.appenderRef.stderr.ref = console
+appender.console.type = Console
+appender.console.name = console
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = %p %c{1}: %m%n
+"""
+
+
+def _spark_worker(folder: str) -> None:
+    """(child process) Run Spark MLlib's ALS on ``folder``'s train/test CSV files; write ``out.json``.
+
+    The JVM's console output stays in this process's captured stderr, and only errors are logged. Writes
+    the timings, Spark's own RMSEs (``RegressionEvaluator``), the parameters and versions to ``out.json``,
+    and the trained factors (ids and rows, sorted by id) to ``{user,item}_{ids,factors}.npy``; a failure
+    becomes ``{"error": ...}`` in ``out.json``.
+    """
+    with open(os.path.join(folder, "spec.json"), encoding="utf-8") as f:
+        spec = json.load(f)
+    out: dict[str, Any] = {}
+    try:
+        _spark_fit(spec, folder, out)
+    except Exception as exc:  # noqa: BLE001 - the parent reports it as the system's error, in one line
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        out["error"] = f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
+    with open(os.path.join(folder, "out.json"), "w", encoding="utf-8") as f:
+        json.dump(out, f)
+
+
+def _spark_fit(spec: dict[str, Any], folder: str, out: dict[str, Any]) -> None:
+    start = time.perf_counter()
+    import py4j
+    import pyspark
+    from pyspark.ml.evaluation import RegressionEvaluator
+    from pyspark.ml.recommendation import ALS
+    from pyspark.sql import SparkSession
+
+    out["import_seconds"] = time.perf_counter() - start
+    log4j = os.path.join(folder, "log4j2.properties")
+    with open(log4j, "w", encoding="utf-8") as f:
+        f.write(_LOG4J)
+    conf = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false",
+            "spark.driver.memory": spec["driver_memory"], "spark.driver.host": "127.0.0.1",
+            "spark.driver.bindAddress": "127.0.0.1", "spark.local.dir": os.path.join(folder, "spark-local"),
+            # the joins of predicting and scoring: 200 partitions (the default) is mostly task overhead on a few
+            # cores; ALS itself partitions by its numUserBlocks/numItemBlocks (left at their defaults)
+            "spark.sql.shuffle.partitions": str(2 * spec["cores"]),
+            "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{log4j}"}
+    start = time.perf_counter()
+    builder = SparkSession.builder.master(f"local[{spec['cores']}]").appName("mfutils-bench-spark")
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()  # launches the JVM (spark-submit) and the SparkContext
+    spark.sparkContext.setLogLevel("ERROR")
+    out["session_start_seconds"] = time.perf_counter() - start
+    out["master"] = f"local[{spec['cores']}]"
+    out["conf"] = {k: v for k, v in conf.items() if k not in ("spark.local.dir", "spark.driver.extraJavaOptions")}
+    out["versions"] = {"pyspark": pyspark.__version__, "spark": spark.version, "py4j": py4j.__version__}
+    try:
+        start = time.perf_counter()
+        schema = "user INT, item INT, rating FLOAT"
+        train = spark.read.csv(spec["train"], schema=schema).cache()
+        test = spark.read.csv(spec["test"], schema=schema).cache()
+        out["n_train_read"], out["n_test_read"] = train.count(), test.count()  # materialise the caches
+        out["load_seconds"] = time.perf_counter() - start
+        als = ALS(rank=spec["rank"], maxIter=spec["epochs"], regParam=spec["reg"], implicitPrefs=False,
+                  nonnegative=False, coldStartStrategy="drop", seed=spec["seed"], userCol="user",
+                  itemCol="item", ratingCol="rating")
+        fits = []
+        for _ in range(2):  # the first fit pays for JIT compilation and first-task costs; the second does not
+            start = time.perf_counter()
+            model = als.fit(train)  # eager: ALS materialises the final factor RDDs before returning
+            fits.append(time.perf_counter() - start)
+        out["fit_seconds_first"], out["fit_seconds_warm"] = fits
+        start = time.perf_counter()
+        evaluator = RegressionEvaluator(metricName="rmse", labelCol="rating", predictionCol="prediction")
+        predicted = model.transform(test).cache()
+        out["evaluator_n_test_predicted"] = predicted.count()  # the rows coldStartStrategy="drop" kept
+        out["evaluator_test_rmse"] = evaluator.evaluate(predicted)
+        out["evaluator_train_rmse"] = evaluator.evaluate(model.transform(train))
+        out["predict_seconds"] = time.perf_counter() - start
+        for side, frame in (("user", model.userFactors), ("item", model.itemFactors)):
+            rows = frame.orderBy("id").collect()
+            np.save(os.path.join(folder, f"{side}_ids.npy"), np.array([r["id"] for r in rows], dtype=np.int64))
+            np.save(os.path.join(folder, f"{side}_factors.npy"),
+                    np.array([r["features"] for r in rows], dtype=np.float32).reshape(len(rows), spec["rank"]))
+        out["params"] = {param.name: value for param, value in als.extractParamMap().items()
+                         if isinstance(value, (bool, int, float, str))}
+    finally:
+        spark.stop()
+
+
+def _spark_side(train, test, *, rank: int, reg: float, epochs: int, seed: int, cores: int,
+                timeout: float = SPARK_TIMEOUT) -> dict[str, Any]:
+    """Spark MLlib's ALS on ``train`` in a child interpreter (:func:`_spark_worker`), scored like mfutils's.
+
+    The ratings travel as CSV (user and item numbers, rating), which Spark reads itself: no pandas or Arrow
+    conversion. Spark keeps factors only for users and items that have training ratings; the others stay
+    zero here, and the test rows that need them are the ones its ``coldStartStrategy="drop"`` drops.
+    """
+    reason, java = _spark_unavailable()
+    if reason is not None:
+        return {"skipped": reason}
+    with tempfile.TemporaryDirectory(prefix="mfutils-spark-") as folder:
+        start = time.perf_counter()
+        for name, part in (("train", train), ("test", test)):
+            table = np.column_stack([part.user_idx.numpy(), part.item_idx.numpy(), part.rating.numpy()])
+            np.savetxt(os.path.join(folder, f"{name}.csv"), table, fmt=("%d", "%d", "%.9g"), delimiter=",")
+        write_seconds = time.perf_counter() - start
+        with open(os.path.join(folder, "spec.json"), "w", encoding="utf-8") as f:
+            json.dump({"rank": rank, "reg": reg, "epochs": epochs, "seed": seed, "cores": cores,
+                       "driver_memory": SPARK_DRIVER_MEMORY, "train": os.path.join(folder, "train.csv"),
+                       "test": os.path.join(folder, "test.csv")}, f)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+               "SPARK_LOCAL_IP": "127.0.0.1", "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "mfutils.bench", "_spark-worker", folder],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)  # its own process group: the JVM goes with it
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            return {"error": f"the Spark worker was stopped after {timeout:g} s", "java": java}
+        worker_seconds = time.perf_counter() - start
+        try:
+            with open(os.path.join(folder, "out.json"), encoding="utf-8") as f:
+                out = json.load(f)
+        except (OSError, ValueError):
+            last = (stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+            return {"error": f"the Spark worker exited {proc.returncode} without results: {last}", "java": java}
+        if "error" in out:
+            return {"error": out["error"], "java": java}
+        factors = {side: _spark_factors(folder, side, n, rank)
+                   for side, n in (("user", train.n_users), ("item", train.n_items))}
+    scores = _als_scores(factors["user"], factors["item"], 0.0, train, test, reg)
+    versions = {**out.pop("versions"), "java": java}
+    return {"system": "pyspark.ml.recommendation.ALS, local mode", "versions": versions,
+            **{k: out.pop(k) for k in ("master", "conf", "params")},
+            "init": "Spark draws each factor row from a seeded normal and scales it to unit length; its first "
+                    "half-step solves the items from these user factors (fit_als: the users from its items)",
+            "csv_write_seconds": write_seconds, "worker_seconds": worker_seconds, **out, **scores,
+            "test_rmse_matches_evaluator": abs(scores["test_rmse"] - out["evaluator_test_rmse"]) < 1e-4}
+
+
+def _spark_factors(folder: str, side: str, n_rows: int, rank: int) -> torch.Tensor:
+    """Spark's factor table as an ``(n_rows, rank)`` float32 tensor, zero for the rows Spark has no factors for."""
+    ids = np.load(os.path.join(folder, f"{side}_ids.npy"))
+    table = torch.zeros(n_rows, rank)
+    table[torch.from_numpy(ids)] = torch.from_numpy(np.load(os.path.join(folder, f"{side}_factors.npy")))
+    return table
+
+
+def _als_scores(P: torch.Tensor, Q: torch.Tensor, mu: float, train, test, reg: float) -> dict[str, Any]:
+    r"""Train and test RMSE and the objective :math:`L` of ``SPARK_OBJECTIVE`` for :math:`\hat r = \mu + p_u^\top q_i`.
+
+    The same function scores every system, in float64, without clipping. Test rows whose user or item has
+    no training rating are left out and counted (``n_test_dropped``), as Spark's ``coldStartStrategy="drop"``
+    does. ``P``: ``(n_users, k)``, ``Q``: ``(n_items, k)``.
+    """
+    P, Q = P.detach().to("cpu", torch.float64), Q.detach().to("cpu", torch.float64)
+
+    def sse(u: torch.Tensor, i: torch.Tensor, r: torch.Tensor) -> float:
+        total = 0.0
+        for uc, ic, rc in zip(u.split(_EVAL_CHUNK), i.split(_EVAL_CHUNK), r.split(_EVAL_CHUNK)):
+            total += float(((P[uc] * Q[ic]).sum(1) + mu - rc.double()).pow(2).sum())  # (chunk, k) -> scalar
+        return total
+
+    n_u = torch.bincount(train.user_idx, minlength=len(P)).double()  # (n_users,): training ratings per user
+    n_i = torch.bincount(train.item_idx, minlength=len(Q)).double()  # (n_items,)
+    train_sse = sse(train.user_idx, train.item_idx, train.rating)
+    penalty = float((n_u * P.pow(2).sum(1)).sum() + (n_i * Q.pow(2).sum(1)).sum())
+    keep = (n_u[test.user_idx] > 0) & (n_i[test.item_idx] > 0)  # (n_test,): both seen in training
+    n_kept = int(keep.sum())
+    test_sse = sse(test.user_idx[keep], test.item_idx[keep], test.rating[keep])
+    return {"train_rmse": math.sqrt(train_sse / train.n_ratings),
+            "test_rmse": math.sqrt(test_sse / n_kept) if n_kept else None,
+            "train_loss": (train_sse + reg * penalty) / train.n_ratings,
+            "n_test_predicted": n_kept, "n_test_dropped": test.n_ratings - n_kept}
+
+
+def _mfutils_side(train, test, *, rank: int, reg: float, epochs: int, seed: int, threads: int) -> dict[str, Any]:
+    """``fit_als`` in this process at ``threads`` torch threads, twice from the same start (first, warm)."""
+    from mfutils.models import BiasedMF
+    from mfutils.train import fit_als
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fits = []
+        for _ in range(2):
+            model = BiasedMF(train.n_users, train.n_items, rank, biases=False, global_mean=0.0, seed=seed)
+            start = time.perf_counter()
+            fit_als(model, train, reg=reg, n_epochs=epochs, device="cpu")
+            fits.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+    scores = _als_scores(model.user_factors.weight, model.item_factors.weight, 0.0, train, test, reg)
+    return {"system": "mfutils.train.fit_als, in process", "threads": threads,
+            "model": f"BiasedMF(n_users, n_items, {rank}, biases=False, global_mean=0.0, seed={seed})",
+            "fit_seconds_first": fits[0], "fit_seconds_warm": fits[1], **scores}
+
+
+def _distributed_side(train, test, size: tuple[int, int, int], *, rank: int, reg: float, epochs: int, seed: int,
+                      test_frac: float, workers: int, timeout: float = DISTRIBUTED_TIMEOUT) -> dict[str, Any]:
+    """``mfutils.distributed.launch(workers, ...)`` on the same synthetic data and split, scored like the rest.
+
+    Its command line rebuilds ``synthetic(*size, seed=seed)`` and ``random_split(..., test_frac, seed=seed)``
+    in every worker, so the data are these; ``--no-biases --no-mean`` make its model Spark's (no biases,
+    ratings not centred), which ``same_objective_as_spark`` confirms from the saved factors.
+    """
+    try:
+        from mfutils.distributed import DistributedError, launch
+    except ImportError as exc:
+        return {"error": f"mfutils.distributed cannot be imported: {type(exc).__name__}: {exc}"}
+    with tempfile.TemporaryDirectory(prefix="mfutils-spark-dist-") as folder:
+        factors = os.path.join(folder, "factors.pt")
+        args = ["--synthetic", *map(str, size), "--rank", str(rank), "--reg", repr(reg), "--epochs", str(epochs),
+                "--seed", str(seed), "--test-frac", repr(test_frac), "--no-biases", "--no-mean", "--device", "cpu"]
+        start = time.perf_counter()
+        try:
+            result = launch(workers, [*args, "--save-factors", factors], timeout=timeout, omp_threads=1)
+        except (DistributedError, ValueError, OSError) as exc:
+            return {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())}", "args": args}
+        launch_seconds = time.perf_counter() - start
+        state = torch.load(factors)
+    model, data = result["model"], result["data"]
+    mu = float(state["global_mean"])
+    same_data = (data["n_train"], data["n_test"]) == (train.n_ratings, test.n_ratings)
+    scores = _als_scores(state["user_factors.weight"], state["item_factors.weight"], mu, train, test, reg)
+    per_rank = result.get("per_rank", {})
+    mean = lambda rows: statistics.fmean(x for row in rows for x in row) if rows else None  # noqa: E731
+    return {"system": "mfutils.distributed.launch (torchrun, gloo)", "workers": workers, "omp_threads": 1,
+            "args": args, "model": model,
+            "same_objective_as_spark": model.get("biases") is False and mu == 0.0,
+            "note": None if mu == 0.0 else f"the ratings were centred (global_mean = {mu:.4f}): not Spark's model",
+            "same_split": same_data, "fit_seconds_first": result["fit_seconds"], "fit_seconds_warm": None,
+            "fit_seconds_note": "one fit per launch: every launch is a fresh process group",
+            "sweep_seconds": result["sweeps"]["seconds"], "launch_seconds": launch_seconds,
+            "wall_seconds": result["wall_seconds"], "mean_compute_seconds_per_sweep": mean(per_rank.get("compute_s")),
+            "mean_comm_seconds_per_sweep": mean(per_rank.get("comm_s")), "reported_final": result["final"],
+            **scores}
+
+
+def run_spark(*, size: tuple[int, int, int] | None = None, rank: int = 32, reg: float = 0.1, epochs: int = 10,
+              seed: int = 0, test_frac: float = 0.1, cores: int = 2, spark: bool = True,
+              distributed: bool = True) -> dict[str, Any]:
+    r"""Spark MLlib's ALS (local mode) beside ``fit_als`` and ``mfutils.distributed`` on the same ratings.
+
+    The data are ``synthetic(*size, seed=seed)`` (default :data:`~mfutils.synthetic.SIZES` ``["ml-1m"]``),
+    split by ``random_split(data, test_frac, seed=seed)``. **Same objective** (``SPARK_OBJECTIVE``): Spark's
+    explicit ALS has no biases, does not centre the ratings, and multiplies ``regParam`` by each row's number
+    of ratings (ALS-WR); ``fit_als(reg=reg)`` on ``BiasedMF(..., biases=False, global_mean=0.0)`` minimises
+    exactly that :math:`L` with the same per-row ridge solves. Their starting factors differ (Spark draws its
+    own), so their RMSEs come out close, not equal.
+
+    Measured, per system: fit seconds, first and warm (``SPARK_PROTOCOL``); train and test RMSE, the
+    objective and the test rows scored, all by :func:`_als_scores` from the trained factors. Spark also
+    reports its JVM/session start, reading the CSV files, predicting, and its own evaluator's RMSEs;
+    ``fit_als`` runs at ``cores`` threads and at 1; ``mfutils.distributed`` on ``cores`` single-threaded
+    workers. Spark runs with ``local[cores]``: the same cores for every system. When pyspark or Java is
+    missing, ``"spark"`` is ``{"skipped": reason}`` and the rest still runs.
+    """
+    from mfutils import __version__
+    from mfutils.data import random_split
+    from mfutils.synthetic import SIZES, synthetic
+
+    size = tuple(SIZES["ml-1m"]) if size is None else tuple(size)
+    started, load_before = time.perf_counter(), os.getloadavg()
+    start = time.perf_counter()
+    data, _ = synthetic(*size, seed=seed)
+    train, test = random_split(data, test_frac, seed=seed)
+    data_seconds = time.perf_counter() - start
+    result: dict[str, Any] = {
+        "machine": machine_info(), "mfutils_version": __version__, "load_average_before": list(load_before),
+        "data": {"source": f"mfutils.synthetic.synthetic({size[0]}, {size[1]}, {size[2]}, seed={seed})",
+                 "split": f"mfutils.data.random_split(data, {test_frac}, seed={seed})",
+                 "n_users": data.n_users, "n_items": data.n_items, "n_ratings": data.n_ratings,
+                 "n_train": train.n_ratings, "n_test": test.n_ratings, "seconds": data_seconds},
+        "settings": {"rank": rank, "reg": reg, "epochs": epochs, "seed": seed, "test_frac": test_frac,
+                     "cores": cores},
+        "objective": SPARK_OBJECTIVE, "protocol": SPARK_PROTOCOL}
+    del data
+    common = {"rank": rank, "reg": reg, "epochs": epochs, "seed": seed}
+    result["spark"] = (_spark_side(train, test, cores=cores, **common) if spark
+                       else {"skipped": "not requested (run_spark(spark=False))"})
+    _print_spark_row("spark", result["spark"])
+    result["mfutils"] = []
+    for threads in dict.fromkeys((cores, 1)):
+        result["mfutils"].append(_mfutils_side(train, test, threads=threads, **common))
+        _print_spark_row(f"mfutils {threads} thread(s)", result["mfutils"][-1])
+    result["distributed"] = (_distributed_side(train, test, size, test_frac=test_frac, workers=cores, **common)
+                             if distributed else {"skipped": "not requested (run_spark(distributed=False))"})
+    _print_spark_row(f"distributed {cores} workers", result["distributed"])
+    result["load_average_after"] = list(os.getloadavg())
+    result["wall_seconds"] = time.perf_counter() - started
+    return result
+
+
+def _print_spark_row(name: str, entry: dict[str, Any]) -> None:
+    for key, word in (("skipped", "skipped"), ("error", "failed")):
+        if key in entry:
+            print(f"{name:>24}: {word}: {entry[key]}", file=sys.stderr, flush=True)
+            return
+    warm = entry["fit_seconds_warm"]
+    session = f"session start {entry['session_start_seconds']:.1f} s, " if "session_start_seconds" in entry else ""
+    test = "n/a" if entry["test_rmse"] is None else f"{entry['test_rmse']:.4f}"
+    print(f"{name:>24}: {session}fit {entry['fit_seconds_first']:.2f} s first"
+          + ("" if warm is None else f", {warm:.2f} s warm") + f"; RMSE train {entry['train_rmse']:.4f}, test "
+          f"{test} ({entry['n_test_dropped']} test rows dropped); L {entry['train_loss']:.4f}",
+          file=sys.stderr, flush=True)
+
+
+def _spark_args(parser: argparse.ArgumentParser) -> None:
+    """The ``spark`` subcommand's options (their ranges are checked by :func:`_check_spark_args`)."""
+    from mfutils.synthetic import SIZES
+
+    parser.add_argument("--out", help="write the JSON here (e.g. book/results/spark_als.json); default: stdout")
+    parser.add_argument("--size", nargs=3, type=int, metavar=("N_USERS", "N_ITEMS", "N_RATINGS"),
+                        default=list(SIZES["ml-1m"]), help="synthetic data size (default: ML-1M's, %(default)s)")
+    parser.add_argument("--rank", type=int, default=32, help="latent factors (default 32)")
+    parser.add_argument("--reg", type=float, default=0.1, help="λ, Spark's regParam (default 0.1)")
+    parser.add_argument("--epochs", type=int, default=10, help="ALS sweeps, Spark's maxIter (default 10)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the data, the split and both inits (default 0)")
+    parser.add_argument("--test-frac", type=float, default=0.1, help="held-out fraction (default 0.1)")
+    parser.add_argument("--cores", type=int, default=2,
+                        help="Spark's local[N], fit_als's threads and distributed workers (default 2)")
+
+
+def _check_spark_args(args: argparse.Namespace) -> str | None:
+    """The first problem with the ``spark`` options, as one sentence; ``None`` when they are usable."""
+    n_users, n_items, n_ratings = args.size
+    if min(n_users, n_items) < 1 or n_ratings < 2:
+        return f"--size {n_users} {n_items} {n_ratings}: need at least 1 user, 1 item and 2 ratings"
+    if n_ratings > n_users * n_items // 2:
+        return (f"--size {n_users} {n_items} {n_ratings}: at most {n_users * n_items // 2:,} ratings fit (half of "
+                f"all user-item pairs); ask for fewer ratings or more users/items")
+    if n_users >= 2 ** 31 or n_items >= 2 ** 31:
+        return f"--size {n_users} {n_items} {n_ratings}: Spark's ALS needs user and item numbers below 2^31"
+    for name, value in (("--rank", args.rank), ("--epochs", args.epochs), ("--cores", args.cores)):
+        if value < 1:
+            return f"{name} must be >= 1, got {value}"
+    if not (math.isfinite(args.reg) and args.reg > 0):
+        return f"--reg must be > 0 (each row's system is singular without it), got {args.reg}"
+    if not 0 < args.test_frac < 1:
+        return f"--test-frac must be strictly between 0 and 1, got {args.test_frac}"
+    return None
+
+
+class _OneLineError(Exception):
+    """A usage error of the ``spark`` subcommand: printed as one ``error:`` line, exit status 2."""
+
+
+def _raise_one_line(message: str) -> None:
+    raise _OneLineError(message)
+
+
+def _spark_command(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    """``python -m mfutils.bench spark ...``: parse, check, run, write; 2 on bad arguments, 1 if a system failed."""
+    parser.error = _raise_one_line  # type: ignore[method-assign]  # one line, no usage block
+    try:
+        args = parser.parse_args(argv)
+        problem = _check_spark_args(args)
+    except _OneLineError as exc:
+        problem = str(exc)
+    if problem is not None:
+        print(f"{parser.prog}: error: {problem}", file=sys.stderr)
+        return 2
+    result = run_spark(size=tuple(args.size), rank=args.rank, reg=args.reg, epochs=args.epochs, seed=args.seed,
+                       test_frac=args.test_frac, cores=args.cores)
+    if args.out:
+        _write_json(args.out, result)
+    else:
+        print(json.dumps(result, indent=2))
+    failed = [k for k in ("spark", "distributed") if "error" in result[k]]
+    if failed:
+        print(f"{parser.prog}: error: {', '.join(failed)} failed (see the JSON)", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _write_json(path: str, obj: dict[str, Any]) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -798,7 +1243,8 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mfutils.bench folds [--out PATH] ...`` or ``devices --device cpu|cuda [--out PATH] ...``."""
+    """``python -m mfutils.bench folds [--out PATH] ...``, ``devices --device cpu|cuda [--out PATH] ...`` or
+    ``spark [--out PATH] ...``."""
     parser = argparse.ArgumentParser(prog="python -m mfutils.bench", description=__doc__.split("\n\n")[1])
     commands = parser.add_subparsers(dest="command", required=True)
     folds = commands.add_parser("folds", help="ml-100k u1-u5: the CLI default, the article's snippet and peers")
@@ -820,7 +1266,18 @@ def main(argv: list[str] | None = None) -> int:
         one.add_argument(name, type=kind, required=True)
     worker = commands.add_parser("lenskit-worker", help="(internal) run LensKit on the folds in FOLDER")
     worker.add_argument("folder")
+    spark = commands.add_parser("spark", help="Spark MLlib's ALS (local mode) beside fit_als and "
+                                              "mfutils.distributed on the same synthetic ratings")
+    _spark_args(spark)
+    spark_worker = commands.add_parser("_spark-worker", help="(internal) run Spark's ALS on the files in FOLDER")
+    spark_worker.add_argument("folder")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["spark"]:
+        return _spark_command(spark, argv[1:])
     args = parser.parse_args(argv)
+    if args.command == "_spark-worker":
+        _spark_worker(args.folder)
+        return 0
     if args.command == "lenskit-worker":
         _lenskit_worker(args.folder)
         return 0

@@ -699,6 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"ALS sweeps (default {als['epochs']})")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed for data, split and init (default 0)")
     parser.add_argument("--no-biases", action="store_true", help="factors only, no user and item biases")
+    parser.add_argument("--no-mean", action="store_true",
+                        help="global mean 0: fit the ratings as they are, not centred (as Spark MLlib's ALS does)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="cpu (gloo), cuda (nccl) or auto (default)")
     parser.add_argument("--timeout", type=_number_type(float, 0, low_open=True), default=60.0, metavar="SECONDS",
@@ -878,7 +880,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **extra)
         phase = "training"
-        model = BiasedMF(train.n_users, train.n_items, args.rank, global_mean=float(train.rating.mean()),
+        model = BiasedMF(train.n_users, train.n_items, args.rank,
+                         global_mean=0.0 if args.no_mean else float(train.rating.mean()),
                          biases=not args.no_biases, seed=args.seed)
         _fail_point(rank, 0)
         fit_start = time.perf_counter()

@@ -207,6 +207,22 @@ def test_one_process_command_line_writes_results_and_factors(tmp_path, capsys, r
     assert not dist.is_initialized()
 
 
+def test_no_mean_fits_the_ratings_uncentred_like_spark(tmp_path, capsys):
+    """--no-biases --no-mean: the model Spark MLlib's ALS fits, equal to fit_als on BiasedMF(global_mean=0)."""
+    data, _ = synthetic(50, 40, 600, seed=1)
+    out, factors = tmp_path / "r.json", tmp_path / "f.pt"
+    assert distributed.main(["--synthetic", "50", "40", "600", "--seed", "1", "--test-frac", "0", "--rank", "3",
+                             "--epochs", "2", "--no-biases", "--no-mean", "--device", "cpu", "--out", str(out),
+                             "--save-factors", str(factors)]) == 0
+    capsys.readouterr()
+    result = json.loads(out.read_text())
+    assert result["model"]["global_mean"] == 0.0 and result["model"]["biases"] is False
+    model = BiasedMF(data.n_users, data.n_items, 3, global_mean=0.0, biases=False, seed=1)
+    history = fit_als(model, data, reg=result["model"]["reg"], n_epochs=2, device="cpu")
+    assert result["final"]["train_rmse"] == history.train_rmse[-1]
+    assert all(torch.equal(torch.load(factors)[k], v) for k, v in model.state_dict().items())
+
+
 def test_command_line_reads_a_ratings_file(tmp_path, capsys):
     data, _ = synthetic(50, 40, 600, seed=1)
     lines = [f"u{u}\ti{i}\t{r:g}\n" for u, i, r in zip(data.user_idx.tolist(), data.item_idx.tolist(),
