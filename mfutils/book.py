@@ -47,8 +47,9 @@ def _checkout_results() -> Path:
 
 
 def _cache_results() -> Path:
-    base = os.environ.get("MFUTILS_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return Path(base).expanduser() / ("results" if os.environ.get("MFUTILS_CACHE_DIR") else "mfutils/results")
+    from mfutils.movielens import _cache_root
+
+    return _cache_root(None) / "results"  # beside the MovieLens archives, in the same cache folder
 
 
 def results_file(name: str, *, required: bool = True, url: str = RESULTS_URL) -> Path | None:
