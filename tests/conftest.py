@@ -1,7 +1,12 @@
 """Shared fixtures. Tests run at one thread per process, so float results are bit-reproducible."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import os
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +47,26 @@ def small_matrix() -> torch.Tensor:
     return torch.tensor([[5.0, 3.0, 0.0, 1.0],
                          [4.0, 0.0, 0.0, 1.0],
                          [1.0, 1.0, 0.0, 5.0]])
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def _serve(folder: Path) -> Iterator[str]:
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def serve_folder() -> Callable[[Path], contextlib.AbstractContextManager[str]]:
+    """``with serve_folder(path) as url:`` serves a folder on 127.0.0.1 (the built book, stand-in downloads)."""
+    return _serve

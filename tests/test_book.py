@@ -1,14 +1,11 @@
 """The book as a reader sees it: built with -W, served locally, opened in headless Chromium."""
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -65,19 +62,9 @@ def built_book(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(built_book):
-    handler = functools.partial(_QuietHandler, directory=str(built_book))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
+def server(built_book, serve_folder):
+    with serve_folder(built_book) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

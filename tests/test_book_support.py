@@ -1,11 +1,8 @@
 """mfutils.book: the notebooks' setup cell, glue without myst-nb, results files, and the exercise checks."""
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -68,22 +65,13 @@ def installed_alone(monkeypatch, tmp_path):
 
 
 @pytest.fixture
-def served(tmp_path):
+def served(tmp_path, serve_folder):
     """A local web server standing in for the repository's raw files."""
     folder = tmp_path / "remote"
     folder.mkdir()
     (folder / "remote.json").write_text('{"ok": true}')
-    handler = functools.partial(_Quiet, directory=str(folder))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/{{name}}"
-    httpd.shutdown()
-    httpd.server_close()
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
+    with serve_folder(folder) as url:
+        yield url + "/{name}"
 
 
 def test_results_file_downloads_once_into_the_cache(installed_alone, tmp_path, served):
