@@ -35,8 +35,9 @@ that, with the block layout of Spark MLlib's ALS:
   and a ring all-gather sends as much as it receives (:func:`gather_bytes_per_sweep`; the 12-byte
   loss all-reduce is not counted). The traffic grows with the number of rows, never with the number of
   ratings, while the work per rank shrinks as :math:`(N k^2 + n k^3)/W` (Gram matrices, then solves):
-  the more ratings per row, the better the group scales. Each sweep records, per rank, the seconds spent solving ("compute") and inside the
-  collectives ("comm", which also holds the time spent waiting for the slowest rank).
+  the more ratings per row, the better the group scales. Each sweep records, per rank, the seconds spent
+  solving ("compute") and inside the collectives ("comm", which also holds the time spent waiting for the
+  slowest rank).
 
 **Data.** For the book every rank builds (or reads) the whole data set with the same seed and keeps its
 slices; :func:`fit_als_distributed` does the slicing. A real cluster would have each process read only

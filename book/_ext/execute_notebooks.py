@@ -2,9 +2,10 @@
 
 Each notebook runs through the same nbconvert command as always (one kernel, no timing metadata, so the
 stored outputs carry no timestamps); the wall time of that command, kernel start included, goes to
-``book/results/execution.json`` with a description of the notebook (:func:`describe`), which the execution-statistics appendix and the instructors' guide render.
-Notebooks that read that file run last, whenever any notebook was executed: once timed, then once more
-untimed, so what they show is the file as it stands, their own times included. A notebook that fails stops the run; its time is not recorded.
+``book/results/execution.json`` with a description of the notebook (:func:`describe`), which the
+execution-statistics appendix and the instructors' guide render. Notebooks that read that file run last,
+whenever any notebook was executed: once timed, then once more untimed, so what they show is the file as it
+stands, their own times included. A notebook that fails stops the run; its time is not recorded.
 
 Usage: ``python book/_ext/execute_notebooks.py [NOTEBOOK ...]`` (all of ``notebooks/`` by default).
 """
@@ -19,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from mfutils.bench import _cpu_model  # where timings were taken: the same CPU name the benchmarks record
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "book" / "results" / "execution.json"
@@ -63,16 +66,6 @@ def describe(path: Path) -> dict:
     }
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def _load() -> dict:
     if RESULTS.is_file():
         return json.loads(RESULTS.read_text(encoding="utf-8"))
@@ -90,7 +83,8 @@ def _save(stats: dict) -> None:
 
 
 def execute(path: Path, stats: dict, *, record: bool = True) -> None:
-    print(f"executing {path.relative_to(ROOT)}" + ("" if record else " again, to show the final times"), flush=True)
+    again = "" if record else " again, to show the final times"
+    print(f"executing {path.relative_to(ROOT)}{again}", flush=True)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, *NBCONVERT, str(path)], cwd=ROOT)
     seconds = time.perf_counter() - start
@@ -101,7 +95,8 @@ def execute(path: Path, stats: dict, *, record: bool = True) -> None:
         return
     stats["notebooks"][path.name] = describe(path) | {
         "seconds": round(seconds, 2), "date": datetime.date.today().isoformat(),
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None}
+        "cpu": _cpu_model(), "cores": os.cpu_count(),
+        "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None}
     _save(stats)
     print(f"  {seconds:.1f} s", flush=True)
 
