@@ -908,6 +908,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("MFUTILS_DEBUG"):
             raise
         print(f"error: {who}: {phase} failed: {_describe(exc, args.timeout)}", file=sys.stderr)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # A group whose peer is stuck or dead can abort (SIGABRT) while the interpreter tears it down,
+            # and the launcher would then report a crash instead of this line: leave at once.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         return 1
     return 0
 
