@@ -267,9 +267,8 @@ def fold_in(model: BiasedMF, items: torch.Tensor, ratings: torch.Tensor, reg: fl
         raise ValueError(f"reg must be > 0; got {reg!r}")
     order = torch.argsort(items)
     items, ratings = items[order], ratings[order]
-    other = torch.cat([model.item_factors.weight, torch.ones_like(model.item_bias.weight)], 1)  # (n_items, k + 1)
     target = ratings - model.global_mean - model.item_bias.weight[items, 0]  # (n,)
     crow = torch.tensor([0, len(items)], device=model.device)
-    ridge = torch.full((1, other.shape[1]), reg * len(items), device=model.device)
-    solved = als_half_step(crow, items, target, other, ridge)[0]  # (k + 1,)
+    ridge = torch.full((1, model.n_factors + 1), reg * len(items), device=model.device)
+    solved = als_half_step(crow, items, target, model.item_factors.weight, ridge, ones=True)[0]  # (k + 1,)
     return solved[:-1], float(solved[-1])

@@ -82,9 +82,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-def make_generator(seed: int) -> torch.Generator:
-    """A fresh CPU :class:`torch.Generator` seeded with ``seed`` (the library never uses the global RNG)."""
-    return torch.Generator().manual_seed(int(seed))
+def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A fresh :class:`torch.Generator` on ``device`` seeded with ``seed`` (the library never uses the global RNG)."""
+    return torch.Generator(device=device).manual_seed(int(seed))
 
 
 def seed_everything(seed: int) -> None:
@@ -237,42 +237,83 @@ def _autograd_sgd_epoch(model: BiasedMF, opt: torch.optim.Optimizer, u: torch.Te
     return totals
 
 
+_FUSED_CHUNK = {"cpu": 1 << 13}  # ratings per pass on the CPU: a pass's (chunk, k) temporaries stay in cache
+
+
+def _pack_ratings(u: torch.Tensor, i: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """One 16-byte record per rating, ``[user, item, rating's float32 bits, 0]`` as int32: ``(n_ratings, 4)``.
+
+    Shuffling the records takes one random read per rating instead of three (one per array).
+    """
+    if max(int(u.max()), int(i.max())) >= 1 << 31:
+        raise ValueError(f"fused SGD packs user and item numbers into int32; got numbers up to "
+                         f"{max(int(u.max()), int(i.max()))}, beyond 2**31 - 1: use fused=False")
+    records = torch.zeros(len(r), 4, dtype=torch.int32, device=r.device)  # (n_ratings, 4)
+    records[:, 0], records[:, 1] = u, i
+    records[:, 2] = r.to(torch.float32).view(torch.int32)
+    return records
+
+
 @torch.no_grad()
-def _fused_sgd_epoch(model: BiasedMF, u: torch.Tensor, i: torch.Tensor, r: torch.Tensor, perm: torch.Tensor, *,
-                     lr: float, reg: float, batch_size: int) -> torch.Tensor:
+def _fused_sgd_epoch(model: BiasedMF, records: torch.Tensor, perm: torch.Tensor, *, lr: float, reg: float,
+                     batch_size: int, shuffled: torch.Tensor | None = None) -> torch.Tensor:
     r"""One epoch of plain minibatch SGD with the gradient written out: no autograd graph, no optimizer.
 
     Per batch, with :math:`e = r - \hat r` and :math:`c = 2\eta/B`, every rating adds
     :math:`c\,(e\,q_i - \lambda p_u)` to :math:`p_u`, :math:`c\,(e\,p_u - \lambda q_i)` to :math:`q_i` and
-    :math:`c\,(e - \lambda b)` to each bias, all computed from the parameters before the step, and
-    ``index_add_`` sums the contributions of a row that appears more than once: the step ``fit_sgd`` takes
-    through autograd and ``torch.optim.SGD``, up to float rounding. Returns the epoch's
+    :math:`c\,(e - \lambda b)` to each bias, all computed from the parameters before the step: the step
+    ``fit_sgd`` takes through autograd and ``torch.optim.SGD``, up to float rounding.
+
+    ``records`` are the ratings packed by :func:`_pack_ratings`, shuffled here by ``perm`` with one gather
+    into ``shuffled`` (a buffer like ``records``, reused from epoch to epoch: a fresh one would have every
+    page of its hundreds of megabytes faulted in again).
+    A batch's updates are computed in chunks of ``_FUSED_CHUNK`` ratings on the CPU (the whole batch on a
+    GPU), written into batch-sized buffers, and then added to the tables by ``scatter_add_`` with an
+    index expanded along the factors, which sums the contributions of a row that appears more than once
+    (and on the CPU runs several times faster than ``index_add_``). Returns the epoch's
     ``[sum of objective, sum of squared error]``.
     """
-    us, its, rs = u.index_select(0, perm), i.index_select(0, perm), r.index_select(0, perm)  # (n_ratings,) each
+    shuffled = torch.index_select(records, 0, perm, out=shuffled)  # (n_ratings, 4): one random read per rating
     tables = (model.user_factors.weight, model.item_factors.weight)
     biases = (model.user_bias.weight[:, 0], model.item_bias.weight[:, 0]) if model.user_bias is not None else None
-    step = 2 * lr / batch_size
-    totals = torch.zeros(2, device=r.device)
-    for bat_u, bat_i, bat_r in zip(us.split(batch_size), its.split(batch_size), rs.split(batch_size)):  # (B,) each
-        p, q = tables[0].index_select(0, bat_u), tables[1].index_select(0, bat_i)  # (B, k) each, copies
-        pred = torch.linalg.vecdot(p, q) + model.global_mean  # (B,)
-        penalty = torch.linalg.vecdot(p, p) + torch.linalg.vecdot(q, q)  # (B,)
+    k, step = tables[0].shape[1], 2 * lr / batch_size
+    decay = -step * reg
+    n_ratings = len(records)
+    width = min(batch_size, n_ratings)
+    chunk = min(width, _FUSED_CHUNK.get(records.device.type, width))
+    updates = [t.new_empty(width, k) for t in tables]  # (B, k) each: the batch's updates to P and Q rows
+    bias_updates = [b.new_empty(width) for b in biases] if biases is not None else None  # (B,) each
+    totals = torch.zeros(2, device=records.device)
+    for start in range(0, n_ratings, batch_size):
+        batch = shuffled[start:start + batch_size]  # (B, 4)
+        rows = (batch[:, 0].long(), batch[:, 1].long())  # (B,) each: user and item numbers
+        target = batch[:, 2].view(torch.float32) - model.global_mean  # (B,): r - mu
+        for s in range(0, len(target), chunk):
+            at = slice(s, s + chunk)
+            cu, ci = rows[0][at], rows[1][at]  # (C,) each
+            p, q = tables[0].index_select(0, cu), tables[1].index_select(0, ci)  # (C, k) each, copies
+            err = target[at] - torch.linalg.vecdot(p, q).float()  # (C,), float32
+            flat_p, flat_q = p.view(-1).float(), q.view(-1).float()  # float32 sums (no copy when float32)
+            penalty = torch.dot(flat_p, flat_p) + torch.dot(flat_q, flat_q)  # summed over the chunk
+            if biases is not None:
+                b_u, b_i = biases[0].index_select(0, cu), biases[1].index_select(0, ci)  # (C,) each
+                err -= b_u.float() + b_i.float()
+                penalty = penalty + torch.dot(b_u.float(), b_u.float()) + torch.dot(b_i.float(), b_i.float())
+            sse = torch.dot(err, err)
+            totals += torch.stack([sse + reg * penalty, sse])
+            e = (err * step).to(p.dtype)  # (C,): c e
+            n = len(e)
+            torch.mul(q, decay, out=updates[1][s:s + n]).addcmul_(p, e[:, None])  # c (e p_u - lambda q_i)
+            torch.mul(p, decay, out=updates[0][s:s + n]).addcmul_(q, e[:, None])  # c (e q_i - lambda p_u)
+            if biases is not None:
+                torch.mul(b_u, decay, out=bias_updates[0][s:s + n]).add_(e)  # c (e - lambda b_u)
+                torch.mul(b_i, decay, out=bias_updates[1][s:s + n]).add_(e)
+        m = len(target)
+        for table, row, update in zip(tables, rows, updates):
+            table.scatter_add_(0, row[:, None].expand(-1, k), update[:m])
         if biases is not None:
-            b_u, b_i = biases[0].index_select(0, bat_u), biases[1].index_select(0, bat_i)  # (B,) each
-            pred = pred + b_u + b_i
-            penalty = penalty + b_u * b_u + b_i * b_i
-        err = bat_r - pred  # (B,), float32
-        totals += torch.stack([(err * err + reg * penalty).sum(), (err * err).sum()])
-        e = err.to(p.dtype)[:, None]  # (B, 1)
-        grad_q = q.mul(-reg).addcmul_(p, e)  # e p_u - lambda q_i: (B, k)
-        grad_p = p.mul_(-reg).addcmul_(q, e)  # e q_i - lambda p_u, in p's buffer: (B, k)
-        tables[0].index_add_(0, bat_u, grad_p, alpha=step)
-        tables[1].index_add_(0, bat_i, grad_q, alpha=step)
-        if biases is not None:
-            err = err.to(b_u.dtype)
-            biases[0].index_add_(0, bat_u, err - reg * b_u, alpha=step)
-            biases[1].index_add_(0, bat_i, err - reg * b_i, alpha=step)
+            for bias, row, update in zip(biases, rows, bias_updates):
+                bias.scatter_add_(0, row, update[:m])
     return totals
 
 
@@ -283,7 +324,9 @@ def fit_sgd(model: BiasedMF, train: RatingData, *, val: RatingData | None = None
             callback: Callable[[int, History], None] | None = None) -> History:
     r"""Train ``model`` by minibatch gradient descent on the per-rating objective.
 
-    Each epoch shuffles the ratings with a seeded permutation and, per batch :math:`\mathcal B`, takes one
+    Each epoch shuffles the ratings with a permutation drawn on ``device`` from a generator seeded with
+    ``seed`` (so a GPU never waits for the host to shuffle; a GPU run takes its steps in another order than
+    a CPU run with the same seed) and, per batch :math:`\mathcal B`, takes one
     optimizer step on :math:`\frac{1}{B}\sum_{\mathcal B} [e_{ui}^2 + \lambda\,\mathrm{pen}_{ui}]` with
     :math:`B` = ``batch_size`` (:meth:`~mfutils.models.BiasedMF.penalty`): the batch mean for full batches,
     and the same per-rating weight for a short last batch (or data smaller than one batch), so a tiny data
@@ -298,13 +341,13 @@ def fit_sgd(model: BiasedMF, train: RatingData, *, val: RatingData | None = None
         optimizer: ``"sgd"`` or ``"adam"`` (``SparseAdam`` if the model has sparse embeddings).
         lr: step size :math:`\eta`; ``None`` picks 2.0 for ``"sgd"`` and 0.01 for ``"adam"``.
         reg: :math:`\lambda`. n_epochs: passes over ``train``. batch_size: ratings per step.
-        seed: seeds the shuffling (the model's own seed set its initial values).
+        seed: seeds the shuffling on ``device`` (the model's own seed set its initial values).
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a :class:`torch.device`.
         early_stopping_patience: stop after this many epochs without a better ``val`` RMSE, and restore
             the parameters of the best epoch (needs ``val``).
         progress: show a tqdm bar over epochs (``TQDM_DISABLE=1`` silences it).
         fused: (``optimizer="sgd"`` only) take the same steps with the gradient written out and applied
-            with ``index_add_`` (:func:`_fused_sgd_epoch`): no autograd graph, no sparse-gradient
+            with ``scatter_add_`` (:func:`_fused_sgd_epoch`): no autograd graph, no sparse-gradient
             bookkeeping, several times faster on large data; equal to the autograd path up to float rounding.
         callback: called as ``callback(epoch, history)`` after every epoch.
     Returns:
@@ -328,13 +371,17 @@ def fit_sgd(model: BiasedMF, train: RatingData, *, val: RatingData | None = None
     model.to(device).train()
     (u, i, r), val_data = _on(train, device), _on(val, device)
     opt = None if fused else _make_optimizer(model, optimizer, lr)
-    generator, stopper = make_generator(seed), _EarlyStopper(model, early_stopping_patience)
+    records = _pack_ratings(u, i, r) if fused else None
+    shuffled = torch.empty_like(records) if fused else None  # reused every epoch, as is perm
+    perm = torch.empty(len(r), dtype=torch.int64, device=device)
+    generator, stopper = make_generator(seed, device), _EarlyStopper(model, early_stopping_patience)
     history = History(method="sgd-fused" if fused else optimizer)
     for epoch in _epochs(n_epochs, progress, who):
         start = time.perf_counter()
-        perm = torch.randperm(len(r), generator=generator).to(device)  # (n_ratings,)
+        torch.randperm(len(r), generator=generator, device=device, out=perm)  # (n_ratings,)
         if fused:
-            totals = _fused_sgd_epoch(model, u, i, r, perm, lr=lr, reg=reg, batch_size=batch_size)
+            totals = _fused_sgd_epoch(model, records, perm, lr=lr, reg=reg, batch_size=batch_size,
+                                      shuffled=shuffled)
         else:
             totals = _autograd_sgd_epoch(model, opt, u, i, r, perm, reg=reg, batch_size=batch_size)
         train_loss, mse = (totals / len(r)).tolist()  # the epoch's one CPU-GPU sync
@@ -350,7 +397,7 @@ def fit_sgd(model: BiasedMF, train: RatingData, *, val: RatingData | None = None
 
 
 def als_half_step(crow: torch.Tensor, cols: torch.Tensor, target: torch.Tensor, other: torch.Tensor,
-                  ridge: torch.Tensor) -> torch.Tensor:
+                  ridge: torch.Tensor, *, ones: bool = False) -> torch.Tensor:
     r"""Solve one small ridge regression per row of a sparse pattern, all rows in one batch.
 
     Row :math:`u` has columns :math:`I_u` with targets :math:`t_{ui}`; with :math:`Y` = ``other``,
@@ -360,7 +407,8 @@ def als_half_step(crow: torch.Tensor, cols: torch.Tensor, target: torch.Tensor, 
 
     The Gram matrices :math:`Y_{I_u}^\top Y_{I_u}` are built by batched dense matrix products over chunks
     of rows of similar length (:func:`_row_gram_chunks`), and each chunk is solved by one batched Cholesky
-    factorisation: no Python loop over rows, and memory bounded by the chunk, not by all rows' Gram matrices.
+    factorisation and two batched triangular solves: no Python loop over rows, and memory bounded by the
+    chunk, not by all rows' Gram matrices.
 
     Args:
         crow: int64 CSR row pointers, shape ``(n_rows + 1,)``: row ``u`` owns entries ``crow[u]:crow[u+1]``.
@@ -368,13 +416,17 @@ def als_half_step(crow: torch.Tensor, cols: torch.Tensor, target: torch.Tensor, 
         target: float32 :math:`t`, shape ``(nnz,)``, aligned with ``cols``.
         other: float32 :math:`Y`, shape ``(n_cols, k)``.
         ridge: float32 :math:`\rho > 0`, shape ``(n_rows, k)``. All on one device.
+        ones: solve against :math:`[Y, 1]` instead (a column of ones appended: the bias of a biased model)
+            without building it; ``ridge`` and the result then have ``k + 1`` columns.
     Returns:
-        float32 :math:`X`, shape ``(n_rows, k)``.
+        float32 :math:`X`, shape ``(n_rows, k)`` (``k + 1`` with ``ones``).
     """
     solved = other.new_zeros(ridge.shape)  # (n_rows, k): a row without entries solves to zero
-    for rows, gram, rhs in _row_gram_chunks(crow, cols, target, other):  # (m,), (m, k, k), (m, k)
+    for rows, gram, rhs in _row_gram_chunks(crow, cols, target, other, ones=ones):  # (m,), (m, k, k), (m, k)
         gram.diagonal(dim1=1, dim2=2).add_(ridge[rows])
-        solved[rows] = torch.cholesky_solve(rhs.unsqueeze(2), _cholesky(gram)).squeeze(2)
+        chol = _cholesky(gram)  # (m, k, k): L with L L^T = gram
+        half = torch.linalg.solve_triangular(chol, rhs.unsqueeze(2), upper=False)  # (m, k, 1): L^-1 rhs
+        solved[rows] = torch.linalg.solve_triangular(chol.mT, half, upper=True).squeeze(2)  # L^-T L^-1 rhs
     return solved
 
 
@@ -389,21 +441,31 @@ def _cholesky(A: torch.Tensor) -> torch.Tensor:
 _GRAM_CHUNK_FLOATS = {"cpu": 1 << 20, "cuda": 1 << 26}  # floats per chunk: 4 MB stays in a CPU's cache
 
 
-def _row_gram_chunks(crow: torch.Tensor, cols: torch.Tensor, target: torch.Tensor,
-                     other: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _row_gram_chunks(crow: torch.Tensor, cols: torch.Tensor, target: torch.Tensor, other: torch.Tensor, *,
+                     ones: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     r"""Per row with entries: the Gram matrix of its columns' ``other`` rows, and their ``target``-weighted sum.
 
     Rows are taken in order of decreasing length, in chunks of similar length: a chunk of ``m`` rows of
     at most ``w`` entries gathers its columns' rows of :math:`Y` into a zero-padded ``(m, w, k)`` block
-    :math:`B` and forms every :math:`B_u^\top B_u` and :math:`B_u^\top t_u` with one batched matrix product.
-    The arithmetic runs as dense matrix products; a chunk's block and Gram matrices (about
-    ``_GRAM_CHUNK_FLOATS`` floats each) stay in cache and bound the memory; padding costs at most the
-    length difference within a chunk. Rows without entries are never yielded.
+    :math:`B` (padding slots gather a row of zeros appended to :math:`Y`) and forms every
+    :math:`B_u^\top B_u` with one batched matrix product, and every :math:`t_u^\top B_u` with another,
+    written as a row vector times the block (a column-vector product :math:`B_u^\top t_u` runs several
+    times slower on the CPU). The arithmetic runs as dense matrix products; a chunk's block and Gram
+    matrices (about ``_GRAM_CHUNK_FLOATS`` floats each) stay in cache and bound the memory; padding costs
+    at most the length difference within a chunk. Rows without entries are never yielded.
+
+    With ``ones``, :math:`Y` is ``other`` with a column of ones appended, which is never built: the block
+    gathers rows of ``other`` alone (at rank 64, rows of 64 floats copy much faster than rows of 65), and
+    the ones column's entries of the Gram matrix and ``rhs`` are the block's column sums, the row's count
+    and the sum of its targets.
 
     Yields:
-        ``(rows, gram, rhs)``: int64 row numbers ``(m,)``, float32 ``(m, k, k)`` and ``(m, k)``.
+        ``(rows, gram, rhs)``: int64 row numbers ``(m,)``, float32 ``(m, k, k)`` and ``(m, k)``
+        (``k + 1`` for ``k`` with ``ones``).
     """
-    k = other.shape[1]
+    n_other, k = other.shape
+    other = torch.cat([other, other.new_zeros(1, k)])  # (n_other + 1, k): row n_other is the padding
+    size = k + 1 if ones else k  # the order of each Gram matrix
     counts = crow[1:] - crow[:-1]  # (n_rows,)
     order = torch.argsort(counts, descending=True, stable=True)  # longest rows first
     widths = counts[order].tolist()  # one host copy per half-step
@@ -411,16 +473,24 @@ def _row_gram_chunks(crow: torch.Tensor, cols: torch.Tensor, target: torch.Tenso
     start, n_filled = 0, len(widths) - widths.count(0)  # rows with entries come first
     while start < n_filled:
         width = widths[start]
-        stop = min(n_filled, start + max(1, min(floats // (width * k), floats // (k * k))))
+        stop = min(n_filled, start + max(1, min(floats // (width * k), floats // (size * size))))
         rows = order[start:stop]  # (m,)
         slots = torch.arange(width, device=crow.device)  # (w,)
         valid = slots < counts[rows, None]  # (m, w)
         pos = torch.where(valid, crow[rows, None] + slots, 0)  # (m, w): entry numbers, 0 where padded
-        block = other.index_select(0, cols[pos].reshape(-1)).reshape(len(rows), width, k)  # (m, w, k)
-        block.mul_(valid[..., None])
-        block_t = block.transpose(1, 2)  # (m, k, w)
-        rhs = torch.bmm(block_t, (target[pos] * valid)[..., None]).squeeze(2)  # (m, k)
-        yield rows, torch.bmm(block_t, block), rhs  # gram: (m, k, k)
+        picked = torch.where(valid, cols[pos], n_other)  # (m, w): rows of other, the zero row where padded
+        block = other.index_select(0, picked.reshape(-1)).reshape(len(rows), width, k)  # (m, w, k)
+        weights = torch.where(valid, target[pos], 0.0)  # (m, w)
+        rhs = torch.bmm(weights.unsqueeze(1), block).squeeze(1)  # (m, k): t_u^T B_u
+        gram = torch.bmm(block.transpose(1, 2), block)  # (m, k, k)
+        if ones:  # border the Gram matrix and rhs with the ones column's entries
+            full = gram.new_empty(len(rows), size, size)  # (m, k + 1, k + 1)
+            full[:, :k, :k] = gram
+            sums = block.sum(1)  # (m, k): 1^T B_u
+            full[:, :k, k], full[:, k, :k] = sums, sums
+            full[:, k, k] = counts[rows].to(gram.dtype)  # 1^T 1
+            gram, rhs = full, torch.cat([rhs, weights.sum(1, keepdim=True)], 1)  # rhs: (m, k + 1)
+        yield rows, gram, rhs
         start = stop
 
 
@@ -441,10 +511,11 @@ def _als_side(model: BiasedMF, side: str, layout: tuple[torch.Tensor, ...], rati
         else (model.item_factors, model.item_bias, model.user_factors, model.user_bias))
     order, crow, cols = layout
     target, other = rating[order] - model.global_mean, other_f.weight  # (nnz,), (n_other, k)
-    if own_b is not None:  # solve [p_u, b_u] against [q_i, 1] on r - mu - b_i
+    biased = own_b is not None
+    if biased:  # solve [p_u, b_u] against [q_i, 1] on r - mu - b_i
         target = target - other_b.weight[:, 0].index_select(0, cols)
-        other = torch.cat([other, torch.ones_like(other[:, :1])], 1)  # (n_other, k + 1)
-    solved = als_half_step(crow, cols, target, other, ridge[:, None].expand(-1, other.shape[1]))
+    solved = als_half_step(crow, cols, target, other, ridge[:, None].expand(-1, other.shape[1] + biased),
+                           ones=biased)
     own_f.weight.copy_(solved[:, :model.n_factors])
     if own_b is not None:
         own_b.weight.copy_(solved[:, model.n_factors:])

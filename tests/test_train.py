@@ -9,6 +9,7 @@ import torch
 from torch.testing import assert_close
 
 from mfutils import bpmf
+from mfutils import train as trainers
 from mfutils.bpmf import _posterior_mean, fit_bpmf
 from mfutils.data import RatingData
 from mfutils.metrics import rmse
@@ -94,12 +95,57 @@ def test_fused_sgd_takes_the_same_steps_as_autograd(biases, sparse):
                            .user_factors.weight)  # it did train
 
 
-def test_fused_sgd_on_a_device_matches_the_cpu(data, device):
+def test_fused_sgd_in_chunks_takes_the_same_steps(monkeypatch):
+    """A batch computed in several chunks (as on the CPU for large batches) is still one step."""
+    train, _ = synthetic(50, 30, 700, seed=2)
+    runs = []
+    for chunk in (1 << 13, 16):  # one chunk per batch of 128, then eight
+        monkeypatch.setattr(trainers, "_FUSED_CHUNK", {"cpu": chunk})
+        model = BiasedMF(train.n_users, train.n_items, 4, global_mean=3.5, sparse=True, seed=1)
+        runs.append((model, fit_sgd(model, train, lr=1.5, reg=0.07, n_epochs=3, batch_size=128, seed=4,
+                                    device="cpu", fused=True)))
+    (whole, whole_history), (chunked, chunked_history) = runs
+    for a, b in zip(chunked.parameters(), whole.parameters()):
+        assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert_close(chunked_history.train_loss, whole_history.train_loss, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_sgd_packs_numbers_that_fit_int32():
+    rows = torch.tensor([0, 2 ** 31])
+    with pytest.raises(ValueError, match=r"beyond 2\*\*31 - 1: use fused=False"):
+        trainers._pack_ratings(rows, torch.zeros(2, dtype=torch.int64), torch.ones(2))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_epoch_on_a_device_takes_the_cpu_steps(data, device, fused):
+    """Given the same permutation, one epoch on ``device`` updates the model as one on the CPU does."""
     train, _ = data
-    cpu, there = _model(train), _model(train, device=device)
-    fit_sgd(cpu, train, n_epochs=2, batch_size=32, device="cpu", fused=True)
-    fit_sgd(there, train, n_epochs=2, batch_size=32, device=device, fused=True)
-    assert_close(there.item_factors.weight.cpu(), cpu.item_factors.weight, atol=1e-4, rtol=1e-4)
+    perm = torch.randperm(len(train.rating), generator=make_generator(3))
+    models = {}
+    for where in (torch.device("cpu"), device):
+        model = _model(train, device=where)
+        u, i, r = (t.to(where) for t in (train.user_idx, train.item_idx, train.rating))
+        if fused:
+            trainers._fused_sgd_epoch(model, trainers._pack_ratings(u, i, r), perm.to(where), lr=2.0, reg=0.05,
+                                      batch_size=32)
+        else:
+            opt = trainers._make_optimizer(model, "sgd", 2.0)
+            trainers._autograd_sgd_epoch(model, opt, u, i, r, perm.to(where), reg=0.05, batch_size=32)
+        models[where.type] = model
+    for a, b in zip(models[device.type].parameters(), models["cpu"].parameters()):
+        assert_close(a.detach().cpu(), b.detach(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fit_sgd_shuffles_on_its_device_reproducibly(data, device, fused):
+    train, _ = data
+    runs = []
+    for seed in (0, 0, 1):
+        model = _model(train, device=device)
+        fit_sgd(model, train, n_epochs=2, batch_size=32, seed=seed, device=device, fused=fused)
+        runs.append(model.user_factors.weight.detach().cpu())
+    assert_close(runs[1], runs[0], atol=1e-5, rtol=1e-5)  # GPU sums in atomics: equal up to rounding
+    assert not torch.allclose(runs[2], runs[0], atol=1e-3)  # another seed, another order
 
 
 def test_fused_sgd_trains_bfloat16_tables(data):
@@ -190,12 +236,6 @@ def test_progress_bar_shows_unless_tqdm_disable_is_set(data, capsys, monkeypatch
     assert capsys.readouterr().err == ""
 
 
-def test_training_on_a_device_matches_the_cpu(data, device):
-    train, _ = data
-    cpu, there = _model(train), _model(train, device=device)
-    fit_sgd(cpu, train, n_epochs=2, batch_size=32, device="cpu")
-    fit_sgd(there, train, n_epochs=2, batch_size=32, device=device)
-    assert_close(there.user_factors.weight.cpu(), cpu.user_factors.weight, atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- every trainer, on ratings with known factors
@@ -317,9 +357,24 @@ def test_als_half_step_equals_lstsq_on_the_augmented_system():
 
 
 @pytest.mark.parametrize("chunk_floats", [6, 40, 1 << 20])  # one row per chunk, a few rows, all rows at once
-def test_row_grams_in_chunks_equal_the_per_row_sums(monkeypatch, chunk_floats):
-    import mfutils.train as trainers
+def test_als_half_step_with_ones_solves_against_the_column_of_ones(monkeypatch, chunk_floats):
+    """``ones=True`` borders the Gram matrices instead of gathering [Y, 1]: the same solution, row by row."""
+    monkeypatch.setitem(trainers._GRAM_CHUNK_FLOATS, "cpu", chunk_floats)
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.tensor([3, 0, 7, 1, 12, 2])  # an empty row, and rows longer than a small chunk
+    cols = torch.cat([torch.randperm(15, generator=gen)[:n].sort().values for n in counts.tolist()])
+    crow = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    target, Y = torch.randn(len(cols), generator=gen), torch.randn(15, 3, generator=gen)
+    ridge = torch.rand(len(counts), 1, generator=gen).expand(-1, 4) + 0.1  # (n_rows, k + 1)
+    bordered = als_half_step(crow, cols, target, Y, ridge, ones=True)
+    explicit = als_half_step(crow, cols, target, torch.cat([Y, torch.ones(15, 1)], 1), ridge)
+    assert bordered.shape == (len(counts), 4)
+    assert_close(bordered, explicit, atol=1e-5, rtol=1e-5)
+    assert torch.equal(bordered[1], torch.zeros(4))  # no entries: zero factors and bias
 
+
+@pytest.mark.parametrize("chunk_floats", [6, 40, 1 << 20])  # one row per chunk, a few rows, all rows at once
+def test_row_grams_in_chunks_equal_the_per_row_sums(monkeypatch, chunk_floats):
     monkeypatch.setitem(trainers._GRAM_CHUNK_FLOATS, "cpu", chunk_floats)
     gen = torch.Generator().manual_seed(0)
     counts = torch.tensor([3, 0, 7, 1, 0, 12, 2])  # empty rows, and rows longer than a small chunk
