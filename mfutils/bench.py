@@ -50,11 +50,13 @@ SLOW_SECONDS = 5.0  # a method whose warm-up fit+predict takes longer is timed o
 
 
 def time_it(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5,
-            device: str | torch.device = "cpu") -> float:
+            device: str | torch.device = "cpu", best: bool = False) -> float:
     """Median wall-clock seconds of ``fn()`` over ``repeats`` runs, after ``warmup`` untimed runs.
 
-    On CUDA the clock is read only after ``torch.cuda.synchronize()``, so queued kernels are counted;
-    on the CPU there is nothing to wait for.
+    With ``best``, the shortest run instead: what the machine can do, for a roof such as a bandwidth (as
+    STREAM reports), where the median would let a busy moment lower the roof. On CUDA the clock is read
+    only after ``torch.cuda.synchronize()``, so queued kernels are counted; on the CPU there is nothing
+    to wait for.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"time_it(): need repeats >= 1 and warmup >= 0; got repeats={repeats}, warmup={warmup}")
@@ -68,7 +70,7 @@ def time_it(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5,
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times) if best else statistics.median(times)
 
 
 def _cpu_model() -> str:
@@ -94,21 +96,21 @@ def machine_info() -> dict[str, Any]:
 
 def copy_bandwidth(n_bytes: int = 256 << 20, repeats: int = 10,
                    device: str | torch.device = "cpu") -> dict[str, float]:
-    """Memory bandwidth yardstick: ``dst.copy_(src)`` of ``n_bytes`` of float32 (median of ``repeats``).
+    """Memory bandwidth yardstick: ``dst.copy_(src)`` of ``n_bytes`` of float32 (fastest of ``repeats``).
 
     Returns ``{"bytes": n_bytes, "seconds": t, "gb_per_s": 2 * n_bytes / t / 1e9}``: like STREAM's Copy,
     the bytes read and the bytes written both count. On ``device="cuda"`` it measures the GPU's memory.
     """
     src = torch.ones(n_bytes // 4, device=device)
     dst = torch.empty_like(src)
-    seconds = time_it(lambda: dst.copy_(src), warmup=2, repeats=repeats, device=device)
+    seconds = time_it(lambda: dst.copy_(src), warmup=2, repeats=repeats, device=device, best=True)
     return {"bytes": n_bytes, "seconds": seconds, "gb_per_s": 2 * n_bytes / seconds / 1e9}
 
 
 def matmul_rate(n: int = 2048, repeats: int = 5, device: str | torch.device = "cpu") -> dict[str, float]:
-    """Arithmetic yardstick: a float32 ``n x n`` matrix product (median of ``repeats``), ``2 n^3`` flops."""
+    """Arithmetic yardstick: a float32 ``n x n`` matrix product (fastest of ``repeats``), ``2 n^3`` flops."""
     a = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(device)
-    seconds = time_it(lambda: torch.mm(a, a), warmup=2, repeats=repeats, device=device)
+    seconds = time_it(lambda: torch.mm(a, a), warmup=2, repeats=repeats, device=device, best=True)
     return {"n": n, "seconds": seconds, "gflop_per_s": 2 * n ** 3 / seconds / 1e9}
 
 
@@ -606,7 +608,6 @@ def _measured(row: dict[str, Any], copy: dict[str, float], matmul: dict[str, flo
         row["ratings_per_second"] = row["n_ratings"] / row["epoch_seconds"]
         if model["flops"]:
             row["achieved_gflop_per_s"] = model["flops"] / row["epoch_seconds"] / 1e9
-    _print_device_row(row)
     return row
 
 
@@ -683,7 +684,9 @@ def run_devices(device: str = "cpu", *, grid: tuple[tuple[str, tuple[int, ...]],
     MovieLens-like ratings (seed 0) of the sizes in ``shapes`` (default :data:`~mfutils.synthetic.SIZES`);
     the time is the median of the epochs after the warm-up (``History.seconds``, which on CUDA is read after
     the epoch's synchronising ``.item()``). The bound is :func:`bytes_per_epoch` over the copy bandwidth
-    measured on ``device`` in the same run.
+    measured on ``device`` in the same run (and the flops over the matrix-product rate): each roof is the
+    faster of two measurements, one before the first configuration and one after the last, each the
+    fastest of its repeats, so a busy moment of the machine cannot lower the roof and flatter the ratios.
 
     Also: ``batch_series`` (size, rank, batch sizes) times the SGD-type paths at each batch size; on CUDA,
     ``precision_series`` (default :data:`PRECISION_SERIES`, at the largest size of ``grid``, rank 64, with a
@@ -699,17 +702,18 @@ def run_devices(device: str = "cpu", *, grid: tuple[tuple[str, tuple[int, ...]],
     grid = grid or (DEVICE_GRID_CUDA if cuda else DEVICE_GRID)
     if precision_series is None and cuda:
         precision_series = PRECISION_SERIES
-    copy, matmul = copy_bandwidth(device=resolved), matmul_rate(device=resolved)
+    roofs = [(copy_bandwidth(device=resolved), matmul_rate(device=resolved))]  # before the runs; after, below
     result: dict[str, Any] = {
         "machine": machine_info(), "device": str(resolved), "torch_threads": threads, "batch_size": batch_size,
-        "warmup_epochs": warmup, "timed_epochs": repeats, "copy": copy, "matmul": matmul,
+        "warmup_epochs": warmup, "timed_epochs": repeats,
         "paths": {p: DEVICE_PATHS[p] for p in paths},
         "bytes_models": {"sgd": _SGD_BYTES, "fused": _SGD_BYTES, "adam": _SGD_BYTES, "als": _ALS_BYTES},
         "precisions": PRECISIONS,
         "protocol": "synthetic ratings (mfutils.synthetic, seed 0, rank-16 truth); one child process per "
         "configuration; epoch_seconds = median over the timed epochs after the warm-up epochs; bound_seconds = "
-        "max(bytes_per_epoch / copy bandwidth, flops / matrix-product rate); ratio = epoch_seconds / "
-        "bound_seconds; peak_rss_bytes = the child's "
+        "max(bytes_per_epoch / copy bandwidth, flops / matrix-product rate), each roof the faster of two "
+        "measurements (before the first configuration and after the last), each the fastest of its repeats; "
+        "ratio = epoch_seconds / bound_seconds; peak_rss_bytes = the child's "
         "peak resident set (VmHWM), the interpreter and data included", "runs": [], "batch_runs": [],
         "precision_runs": []}
     largest = grid[-1][0]
@@ -734,7 +738,8 @@ def run_devices(device: str = "cpu", *, grid: tuple[tuple[str, tuple[int, ...]],
                    "precision": precision}
             row.update(_child(files[size], path, rank, resolved, batch, warmup, n_repeats, threads, precision,
                               val_frac))
-            return _measured(row, copy, matmul)
+            _print_device_row(row)
+            return row
 
         for size, ranks in grid:
             for rank in ranks:
@@ -749,6 +754,16 @@ def run_devices(device: str = "cpu", *, grid: tuple[tuple[str, tuple[int, ...]],
             result["precision_runs"].append(run(largest, 64, path, batch_size, precision, 0.1, 3))
     if cuda:
         result["timing_demo"] = timing_demo(resolved)
+    roofs.append((copy_bandwidth(device=resolved), matmul_rate(device=resolved)))
+    copy, matmul = max((c for c, _ in roofs), key=lambda c: c["gb_per_s"]), max(
+        (m for _, m in roofs), key=lambda m: m["gflop_per_s"])
+    result.update({"copy": copy, "matmul": matmul, "roof_measurements": [{"copy": c, "matmul": m} for c, m in roofs]})
+    for key in ("runs", "batch_runs", "precision_runs"):
+        result[key] = [_measured(row, copy, matmul) for row in result[key]]
+    print(f"roofs: copy {copy['gb_per_s']:.1f} GB/s, matrix product {matmul['gflop_per_s']:.0f} GFLOP/s",
+          file=sys.stderr)
+    for row in result["runs"]:
+        _print_device_row(row)
     result["targets"] = _device_targets(result["runs"])
     return result
 
@@ -772,12 +787,14 @@ def _device_targets(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _print_device_row(row: dict[str, Any]) -> None:
-    head = f"{row['size']:>8} k={row['rank']:<3} {row['path']:>4}:"
+    """One line per configuration on stderr: as it finishes, and with its bound once the roofs are known."""
+    head = f"{row['size']:>8} k={row['rank']:<3} {row['path']:>5} b={row['batch_size']:<6} {row['precision']}:"
     if "error" in row:
         print(f"{head} failed: {row['error']}", file=sys.stderr)
         return
-    print(f"{head} {row['epoch_seconds']:.3f} s/epoch, bound {row['bound_seconds']:.3f} s, "
-          f"ratio {row['ratio']:.2f}, peak {row['peak_rss_bytes'] / 1e9:.2f} GB", file=sys.stderr, flush=True)
+    bound = (f", bound {row['bound_seconds']:.3f} s, ratio {row['ratio']:.2f}" if "ratio" in row else "")
+    print(f"{head} {row['epoch_seconds']:.3f} s/epoch{bound}, peak {row['peak_rss_bytes'] / 1e9:.2f} GB",
+          file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- spark: MLlib's ALS beside mfutils's, same data

@@ -23,6 +23,12 @@ def test_time_it_warms_up_then_returns_the_median(monkeypatch):
     assert len(calls) == 5
 
 
+def test_time_it_best_returns_the_fastest_run(monkeypatch):
+    clock = iter([0.0, 1.0, 10.0, 13.0, 20.0, 22.0])  # runs of 1, 3 and 2 seconds; no warm-up
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    assert bench.time_it(lambda: None, warmup=0, repeats=3, best=True) == 1.0
+
+
 def test_time_it_rejects_zero_repeats():
     with pytest.raises(ValueError, match=r"time_it\(\): need repeats >= 1 and warmup >= 0; got repeats=0"):
         bench.time_it(lambda: None, repeats=0)
@@ -186,6 +192,9 @@ def test_devices_json_has_one_row_per_configuration_with_its_bound_and_memory():
                                paths=("sgd", "als"), threads=1, batch_series=("small", 2, (64, 1024)))
     assert result["device"] == "cpu" and result["torch_threads"] == 1 and result["machine"]["cuda"] is None
     assert result["copy"]["gb_per_s"] > 0 and set(result["bytes_models"]) == {"sgd", "fused", "adam", "als"}
+    roofs = result["roof_measurements"]  # before the first configuration and after the last; the faster counts
+    assert len(roofs) == 2 and result["copy"]["gb_per_s"] == max(r["copy"]["gb_per_s"] for r in roofs)
+    assert result["matmul"]["gflop_per_s"] == max(r["matmul"]["gflop_per_s"] for r in roofs)
     assert [(r["size"], r["rank"], r["path"]) for r in result["runs"]] == [("tiny", 3, "sgd"), ("tiny", 3, "als")]
     for row in result["runs"]:
         assert "error" not in row and row["torch_threads"] == 1 and row["n_ratings"] == 300
