@@ -268,10 +268,10 @@ def _fused_sgd_epoch(model: BiasedMF, records: torch.Tensor, perm: torch.Tensor,
     into ``shuffled`` (a buffer like ``records``, reused from epoch to epoch: a fresh one would have every
     page of its hundreds of megabytes faulted in again).
     A batch's updates are computed in chunks of ``_FUSED_CHUNK`` ratings on the CPU (the whole batch on a
-    GPU), written into batch-sized buffers, and then added to the tables by ``scatter_add_`` with an
-    index expanded along the factors, which sums the contributions of a row that appears more than once
-    (and on the CPU runs several times faster than ``index_add_``). Returns the epoch's
-    ``[sum of objective, sum of squared error]``.
+    GPU), with the factor :math:`c` already in them, written into batch-sized buffers, and then added to
+    the tables by ``scatter_add_`` with an index expanded along the factors, which sums the contributions
+    of a row that appears more than once (on the CPU, ``index_add_`` with ``alpha=c`` instead takes more
+    than twice as long). Returns the epoch's ``[sum of objective, sum of squared error]``.
     """
     shuffled = torch.index_select(records, 0, perm, out=shuffled)  # (n_ratings, 4): one random read per rating
     tables = (model.user_factors.weight, model.item_factors.weight)
