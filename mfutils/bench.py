@@ -1274,7 +1274,7 @@ def main(argv: list[str] | None = None) -> int:
     devices.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     devices.add_argument("--out", help="write the JSON here (e.g. book/results/devices_cpu.json); default: stdout")
     devices.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    devices.add_argument("--repeats", type=int, default=1, help="timed epochs after the warm-up (median; default 1)")
+    devices.add_argument("--repeats", type=int, default=3, help="timed epochs after the warm-up (median; default 3)")
     one = commands.add_parser("_one", help="(internal) one configuration of `devices`, in a child process")
     one.add_argument("file")
     for name, kind in (("--path", str), ("--rank", int), ("--device", str), ("--batch-size", int),
