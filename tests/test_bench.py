@@ -264,5 +264,5 @@ def test_devices_command_writes_the_json_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run_devices", lambda device, **kwargs: {"device": device, "kwargs": kwargs})
     out = tmp_path / "results" / "devices_cpu.json"
     assert bench.main(["devices", "--device", "cpu", "--threads", "2", "--out", str(out)]) == 0
-    assert json.loads(out.read_text()) == {"device": "cpu", "kwargs": {"threads": 2, "repeats": 1}}
+    assert json.loads(out.read_text()) == {"device": "cpu", "kwargs": {"threads": 2, "repeats": 3}}  # 3: the default
     assert [p.name for p in out.parent.iterdir()] == ["devices_cpu.json"]

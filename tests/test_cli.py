@@ -108,7 +108,8 @@ def test_json_is_the_last_line_with_finite_values(tmp_path, capsys):
     result = _result(out)
     assert code == 0 and JSON_KEYS <= result.keys()
     assert all(math.isfinite(result[k]) for k in ("rmse", "mae", "fit_seconds"))
-    assert (result["method"], result["rank"], result["n_test"], result["n_train"]) == ("bpmf", cli.DEFAULTS["bpmf"]["rank"], 18, 52)
+    assert (result["method"], result["rank"], result["n_test"], result["n_train"]) == (
+        "bpmf", cli.DEFAULTS["bpmf"]["rank"], 18, 52)
     assert result["rating_range"][0] >= 1.0 and result["rating_range"][1] <= 5.0
 
 
