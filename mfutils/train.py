@@ -237,7 +237,7 @@ def _autograd_sgd_epoch(model: BiasedMF, opt: torch.optim.Optimizer, u: torch.Te
     return totals
 
 
-_FUSED_CHUNK = {"cpu": 1 << 13}  # ratings per pass on the CPU: a pass's (chunk, k) temporaries stay in cache
+_FUSED_CHUNK = {"cpu": 1 << 13}  # ratings per pass on the CPU: smaller (chunk, k) temporaries than a whole batch
 
 
 def _pack_ratings(u: torch.Tensor, i: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -245,9 +245,10 @@ def _pack_ratings(u: torch.Tensor, i: torch.Tensor, r: torch.Tensor) -> torch.Te
 
     Shuffling the records takes one random read per rating instead of three (one per array).
     """
-    if max(int(u.max()), int(i.max())) >= 1 << 31:
-        raise ValueError(f"fused SGD packs user and item numbers into int32; got numbers up to "
-                         f"{max(int(u.max()), int(i.max()))}, beyond 2**31 - 1: use fused=False")
+    largest = max(int(u.max()), int(i.max()))
+    if largest >= 1 << 31:
+        raise ValueError(f"fused SGD packs user and item numbers into int32; got numbers up to {largest}, "
+                         f"beyond 2**31 - 1: use fused=False")
     records = torch.zeros(len(r), 4, dtype=torch.int32, device=r.device)  # (n_ratings, 4)
     records[:, 0], records[:, 1] = u, i
     records[:, 2] = r.to(torch.float32).view(torch.int32)
@@ -517,7 +518,7 @@ def _als_side(model: BiasedMF, side: str, layout: tuple[torch.Tensor, ...], rati
     solved = als_half_step(crow, cols, target, other, ridge[:, None].expand(-1, other.shape[1] + biased),
                            ones=biased)
     own_f.weight.copy_(solved[:, :model.n_factors])
-    if own_b is not None:
+    if biased:
         own_b.weight.copy_(solved[:, model.n_factors:])
 
 
