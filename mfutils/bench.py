@@ -84,10 +84,19 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _memory_bytes() -> int | None:
+    """The machine's physical memory in bytes, or None where the system does not say (e.g. Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def machine_info() -> dict[str, Any]:
-    """Where a timing was taken: CPU model and threads, torch/CUDA versions, GPU name, UTC date."""
+    """Where a timing was taken: CPU model, threads and memory, torch/CUDA versions, GPU name, UTC date."""
     cuda = torch.cuda.is_available()
-    return {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "memory_bytes": _memory_bytes(),
+            "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "cuda": torch.version.cuda if cuda else None,
             "gpu": torch.cuda.get_device_name(0) if cuda else None, "platform": platform.platform(),

@@ -36,7 +36,8 @@ def test_time_it_rejects_zero_repeats():
 
 def test_machine_info_names_the_machine():
     info = bench.machine_info()
-    assert {"cpu", "torch_threads", "torch", "cuda", "date"} <= info.keys()
+    assert {"cpu", "memory_bytes", "torch_threads", "torch", "cuda", "date"} <= info.keys()
+    assert info["memory_bytes"] is None or info["memory_bytes"] > 1 << 28  # more than 256 MiB where it is known
     assert info["torch"] == torch.__version__ and (info["cuda"] is None) == (not torch.cuda.is_available())
     json.dumps(info)
 
