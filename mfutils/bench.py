@@ -1271,6 +1271,10 @@ def _print_summary(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m mfutils.bench folds [--out PATH] ...``, ``devices --device cpu|cuda [--out PATH] ...`` or
     ``spark [--out PATH] ...``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lenskit-worker"] and len(argv) == 2:  # LensKit's interpreter: mfutils is not importable there
+        _lenskit_worker(argv[1])
+        return 0
     parser = argparse.ArgumentParser(prog="python -m mfutils.bench", description=__doc__.split("\n\n")[1])
     commands = parser.add_subparsers(dest="command", required=True)
     folds = commands.add_parser("folds", help="ml-100k u1-u5: the CLI default, the article's snippet and peers")
@@ -1297,15 +1301,11 @@ def main(argv: list[str] | None = None) -> int:
     _spark_args(spark)
     spark_worker = commands.add_parser("_spark-worker", help="(internal) run Spark's ALS on the files in FOLDER")
     spark_worker.add_argument("folder")
-    argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["spark"]:
         return _spark_command(spark, argv[1:])
     args = parser.parse_args(argv)
     if args.command == "_spark-worker":
         _spark_worker(args.folder)
-        return 0
-    if args.command == "lenskit-worker":
-        _lenskit_worker(args.folder)
         return 0
     if args.command == "_one":
         torch.set_num_threads(args.threads)

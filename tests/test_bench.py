@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 import sys
 
 import numpy as np
@@ -166,6 +167,18 @@ def test_a_lenskit_worker_that_cannot_import_lenskit_is_recorded(tiny_folds):
                              methods=("lenskit_biased_mf",), extras=False)
     entry = result["methods"]["lenskit_biased_mf"]
     assert entry["available"] is False and "ModuleNotFoundError: No module named 'lenskit'" in entry["reason"]
+
+
+def test_the_lenskit_worker_runs_where_mfutils_cannot_be_imported(tmp_path):
+    # LensKit's interpreter runs this file alone (python -I bench.py lenskit-worker FOLDER): the worker must reach
+    # its own imports without importing mfutils. Here both are made unimportable, so it stops at LensKit.
+    (tmp_path / "spec.json").write_text('{"folds": [1], "repeats": 1}')
+    script = ("import runpy, sys; sys.modules['mfutils'] = sys.modules['lenskit'] = None; "
+              f"sys.argv = ['bench.py', 'lenskit-worker', {str(tmp_path)!r}]; "
+              f"runpy.run_path({bench.__file__!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and "ModuleNotFoundError" in last and "lenskit" in last and "mfutils" not in last
 
 
 @pytest.mark.slow
