@@ -30,7 +30,7 @@ mean :math:`A^{-1}b` and covariance :math:`A^{-1}`; the factorisation, :math:`L^
 substitution for both :math:`x` and the mean run column by column over all rows at once (rows last in
 memory), which beats a batched LAPACK call per 7×7 matrix. The training error of the current sample comes
 from the item half-step's own sums, :math:`\sum t^2 - 2\sum_i x_i^\top b_i + \sum_i x_i^\top G_i x_i`, so no
-sweep gathers a prediction per rating. On ml-100k ``u1.base`` at one thread a sweep takes about 2 ms.
+sweep gathers a prediction per rating. The benchmarks appendix of the book records how long a sweep takes.
 
 **The averaged predictor is itself a BiasedMF.** The mean of :math:`S` kept pairs' predictions is
 :math:`\mu + \bar b_u + \bar b_i + \tilde p_u^\top \tilde q_i` with :math:`\tilde p_u = (p_u^{(1)}, \dots,
