@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
 # Kernels started from notebooks/ must import the package from this checkout.
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH),)
@@ -34,8 +35,13 @@ setup: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	@# PyPI's Linux torch is a multi-GB CUDA build; without an NVIDIA GPU, PyTorch's CPU index has the same
+	@# version (2.13.0+cpu, which pip prefers and which satisfies torch==2.13.0) at a fraction of the size.
+	if [ "$$(uname -s)" = Linux ] && ! command -v nvidia-smi >/dev/null; then \
+	  $(BIN)/python -m pip install --quiet --retries 1 --extra-index-url $(TORCH_CPU_INDEX) \
+	    "$$(grep -E '^torch==' requirements.txt)"; fi
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt -e .
-	$(BIN)/python -c 'import shutil, sys, torch; sys.exit(0 if torch.version.cuda is None or shutil.which("nvidia-smi") else "a CUDA build of torch was installed on a machine without an NVIDIA GPU: remove .venv and install the CPU wheel, pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu")'
+	$(BIN)/python -c 'import shutil, sys, torch; sys.exit(0 if torch.version.cuda is None or shutil.which("nvidia-smi") else "a CUDA build of torch was installed on a machine without an NVIDIA GPU: remove .venv and run make again, which installs the CPU wheel from $(TORCH_CPU_INDEX)")'
 	touch $@
 
 book: $(STAMP)
