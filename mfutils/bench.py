@@ -4,7 +4,7 @@ r"""Honest timing (:func:`time_it`, :func:`machine_info`, :func:`copy_bandwidth`
 official ml-100k folds (``u1.base``/``u1.test`` … ``u5``): the CLI's default method, the article's
 regularized snippet as written (:func:`fit_article`), and the peers that are installed: Surprise ``SVD()``
 and ``SVDpp()`` and LensKit's biased MF (ALS), all with default hyperparameters. It writes per-fold and
-mean RMSE, MAE and fit+predict seconds, the machine, a memory-bandwidth yardstick for the fastest method,
+mean RMSE, MAE and fit+predict seconds, the machine, a memory-bandwidth yardstick for the default method,
 and the default's accuracy on ml-latest-small and synthetic ratings. A peer that cannot be imported stays in
 the JSON with ``"available": false`` and the reason.
 
@@ -469,7 +469,8 @@ _SGD_BYTES = ("per rating: the shuffled permutation entry and the user and item 
               "The optimizer state of Adam (2 more read-write copies of each row) is not counted, so the same "
               "bound serves both SGD-type paths")
 _ALS_BYTES = ("per sweep (two half-steps): per rating and half-step, the column number (int64) and the target "
-              "(float32) are streamed, 24 B, and building the targets gathers and writes 24 B more; per solved "
+              "(float32) are each touched twice (building the targets, building the blocks), 24 B, and building "
+              "the targets gathers and writes 24 B more; per solved "
               "row, its k+1 numbers are written and read once more, 2 x 4(k+1) B. The gathered blocks of the "
               "other side's rows and the chunk's Gram matrices and factors stay in cache by design "
               "(mfutils.train._row_gram_chunks), so this is a lower bound")

@@ -57,7 +57,8 @@ def results_file(name: str, *, required: bool = True, url: str = RESULTS_URL) ->
 
     In a clone of the book (the package next to ``book/results``: locally, Binder) only that folder counts,
     and nothing is downloaded. Where only the package was installed (Colab), the file is taken from the
-    cache folder (``$MFUTILS_CACHE_DIR/results``, else ``~/.cache/mfutils/results``), or downloaded from
+    cache folder (``$MFUTILS_CACHE_DIR/results``, else ``$XDG_CACHE_HOME/mfutils/results``, else
+    ``~/.cache/mfutils/results``), or downloaded from
     the book's repository into it.
 
     Args:

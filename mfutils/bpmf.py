@@ -8,7 +8,8 @@ predictions, which is what makes it more accurate on sparse data. The model is t
 with each user's :math:`x_u = (p_u, b_u)` drawn from a shared prior :math:`\mathcal N(\mu_U, \Lambda_U^{-1})`
 (items likewise), and a Normal-Wishart hyperprior on :math:`(\mu_U, \Lambda_U)` (:math:`\mu_0=0`,
 :math:`\beta_0=2`, :math:`W_0=I`, :math:`\nu_0=k+1`). One sweep samples, in turn, the user hyperparameters,
-every user row given the items (one batched Cholesky, as in ALS), then the same for items:
+every user row given the items (all rows at once, like ALS, with a Cholesky of its own: see below), then
+the same for items:
 
 .. math:: x_u \mid \cdot \sim \mathcal N\big(A_u^{-1} b_u,\; A_u^{-1}\big),\quad
           A_u = \Lambda_U + \alpha \sum_{i\in I_u} \tilde q_i \tilde q_i^\top,\quad

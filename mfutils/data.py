@@ -181,7 +181,8 @@ def random_split(data: RatingData, test_frac: float = 0.2, *, seed: int = 0) -> 
         ``n_users`` and ``n_items``). Together they hold every rating exactly once.
     Raises:
         ValueError: ``test_frac`` outside ``(0, 1)``, or fewer than 2 ratings.
-        TypeError: ``data`` is not a :class:`RatingData`, or ``seed`` is not an int.
+        TypeError: ``data`` is not a :class:`RatingData`, or ``seed`` is neither an int nor ``None``
+            (``None`` draws an unseeded split).
     Example:
         >>> train, test = random_split(data, 0.2, seed=0)
     """
@@ -195,7 +196,7 @@ def random_split(data: RatingData, test_frac: float = 0.2, *, seed: int = 0) -> 
 
 
 def per_user_split(data: RatingData, test_frac: float = 0.2, *, seed: int = 0) -> tuple[RatingData, RatingData]:
-    r"""Hold out a random ``test_frac`` of each user's ratings, so every user appears in train and test.
+    r"""Hold out a random ``test_frac`` of each user's ratings, so every user with 2 or more appears in both.
 
     A user with :math:`n_u \ge 2` ratings gives :math:`\mathrm{round}(\text{test\_frac}\cdot n_u)` (half
     up) of them to the test set, at least 1 and at most :math:`n_u - 1`. Users with one rating stay in train.
@@ -208,7 +209,8 @@ def per_user_split(data: RatingData, test_frac: float = 0.2, *, seed: int = 0) -
         ``(train, test)`` subsets of ``data`` in their original order, with the same id maps.
     Raises:
         ValueError: ``test_frac`` outside ``(0, 1)``, or fewer than 2 ratings.
-        TypeError: ``data`` is not a :class:`RatingData`, or ``seed`` is not an int.
+        TypeError: ``data`` is not a :class:`RatingData`, or ``seed`` is neither an int nor ``None``
+            (``None`` draws an unseeded split).
     """
     _check_split_args("per_user_split", data, test_frac, seed)
     user_idx = data.user_idx.numpy()

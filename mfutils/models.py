@@ -17,7 +17,7 @@ from torch import nn
 __all__ = ["DenseMF", "BiasedMF", "dense_masked_loss", "gathered_loss"]
 
 _CHUNK = 1 << 12  # pairs per step in BiasedMF.predict: bounds the (chunk, n_factors) temporaries; at 1 << 16 a
-# 256-factor model predicted 20k pairs ~5x slower, mostly faulting in fresh pages for 64 MB temporaries
+# 256-factor model predicted 20k pairs ~5x slower, mostly faulting in fresh pages for its large temporaries
 
 
 def _normal(shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
@@ -47,7 +47,8 @@ def dense_masked_loss(user_factors: torch.Tensor, item_factors: torch.Tensor, R:
             + \lambda \sum_i n_i \lVert q_i\rVert^2\Big],
 
     where :math:`\Omega` is the set of observed cells (``mask`` true) and :math:`n_u`, :math:`n_i` count
-    them per row and column. Unobserved cells (whatever ``R`` holds there) contribute nothing.
+    them per row and column. Unobserved cells contribute nothing, whatever finite value ``R`` holds there (the
+    error is multiplied by the mask, so a NaN or infinity there would still spread).
 
     Args:
         user_factors: float32 :math:`P`, shape ``(n_users, n_factors)``.

@@ -7,8 +7,8 @@ users, on the model's device), measures them against held-out ratings, finds ite
 the same way, and places a new user from a few ratings without retraining.
 
 **Ties.** Items with equal scores are ranked by increasing item number (a stable sort), so every list is
-reproducible. **Excluded items** (already rated) never appear; if fewer than ``k`` items remain, the list
-is padded with item ``-1`` and score ``-inf``.
+reproducible. **Excluded items** (already rated) never appear; a list has ``min(k, n_items)`` places, and
+where fewer items remain the rest hold item ``-1`` and score ``-inf``.
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def top_k(model: BiasedMF, k: int = 10, *, exclude: RatingData | None = None,
         exclude: ratings whose (user, item) pairs must not be recommended, usually the training set.
         users: int64 user numbers, shape ``(m,)``; ``None`` for all users.
     Returns:
-        ``(items, scores)``, int64 and float32, shape ``(m, k)``, on the model's device.
+        ``(items, scores)``, int64 and float32, shape ``(m, min(k, n_items))``, on the model's device.
     """
     users = _users(model, users)
     seen = None
@@ -220,7 +220,7 @@ def similar_items(model: BiasedMF, item: int, k: int = 10, *, with_bias: bool = 
     instance items with too few ratings for their factors to mean much; ties by increasing item number.
 
     Returns:
-        ``(items, similarities)``, shapes ``(k,)``.
+        ``(items, similarities)``, shapes ``(min(k, n),)`` where ``n`` is the number of candidate items.
     """
     if not 0 <= item < model.n_items:
         raise ValueError(f"item must be a number in 0..{model.n_items - 1}; got {item}")

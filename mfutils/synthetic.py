@@ -84,6 +84,7 @@ def synthetic(n_users: int, n_items: int, n_ratings: int, *, n_factors: int = 16
         ``truth`` is a :class:`SyntheticTruth`.
     Raises:
         ValueError: a non-positive size, ``n_ratings`` over half the matrix, or a negative noise/exponent.
+        RuntimeError: exponents so steep that redrawing cannot find ``n_ratings`` distinct pairs.
     Example:
         >>> data, truth = synthetic(*SIZES["ml-100k"], seed=0)
     """
