@@ -42,6 +42,7 @@ p_u^{(S)})/\sqrt S` (and likewise :math:`\tilde q_i`), so :func:`fit_bpmf` retur
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from typing import Callable
@@ -176,13 +177,21 @@ def _variance(r: torch.Tensor) -> float:
     return max(float(r.var()) if len(r) > 1 else 0.0, floor)
 
 
-def _check(train: RatingData, n_factors: int, n_samples: int, n_burnin: int, alpha: float | None) -> None:
+def _check(train: RatingData, n_factors: int, n_samples: int, n_burnin: int, alpha: float | None,
+           val: RatingData | None = None) -> None:
     who = "fit_bpmf()"
     if train.n_ratings == 0 or not torch.isfinite(train.rating).all():
         raise ValueError(f"{who}: train must hold at least one rating and no NaN/inf ratings; got {train!r}")
     for name, value, low in (("n_factors", n_factors, 1), ("n_samples", n_samples, 1), ("n_burnin", n_burnin, 0)):
-        if int(value) != value or value < low:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
             raise ValueError(f"{who}: {name} must be an integer >= {low}; got {value!r}")
+    if val is not None:
+        for name, idx, n in (("user_idx", val.user_idx, train.n_users), ("item_idx", val.item_idx, train.n_items)):
+            if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n):
+                raise ValueError(f"{who}: val.{name} holds numbers outside 0..{n - 1}, the numbering of train; "
+                                 f"split val from the same RatingData as train")
+        if not torch.isfinite(val.rating).all():
+            raise ValueError(f"{who}: val.rating contains NaN or inf; drop or fix those ratings first")
     if alpha is not None and not alpha > 0:
         raise ValueError(f"{who}: noise_precision must be > 0 (or None for the default); got {alpha!r}")
 
@@ -223,7 +232,7 @@ def fit_bpmf(train: RatingData, *, n_factors: int = 6, n_samples: int = 16, n_bu
         ``train_rmse`` its square root; ``val_rmse`` scores the running posterior mean (the current
         sample during burn-in), and is ``nan`` without ``val``.
     """
-    _check(train, n_factors, n_samples, n_burnin, noise_precision)
+    _check(train, n_factors, n_samples, n_burnin, noise_precision, val)
     device, generator = resolve_device(device), make_generator(seed)
     (u, i, r), val_data = _on(train, device), _on(val, device)
     global_mean, k = float(r.mean()), n_factors

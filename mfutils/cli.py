@@ -222,6 +222,8 @@ def fit_predict(train_table: RatingsTable, test_table: RatingsTable, *, method: 
     """
     from mfutils.train import resolve_device
 
+    if method not in DEFAULTS:
+        raise ValueError(f"fit_predict(): method must be one of {sorted(DEFAULTS)}; got {method!r}")
     rank, reg, epochs = (DEFAULTS[method][k] if v is None else v for k, v in
                          (("rank", rank), ("reg", reg), ("epochs", epochs)))
     device, start = resolve_device(device), time.perf_counter()

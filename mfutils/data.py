@@ -115,6 +115,9 @@ def from_arrays(user_ids, item_ids, ratings, timestamps=None, *, name: str = "",
                          f"got {len(user_ids)}, {len(item_ids)} and {n}")
     if timestamps is None:
         timestamps = np.zeros(n, dtype=np.int64)
+    elif len(timestamps) != n:
+        raise ValueError(f"from_arrays(): timestamps must have one entry per rating ({n}); got {len(timestamps)}. "
+                         f"Pass timestamps=None if there are none")
     uniq_u, u_idx = np.unique(user_ids, return_inverse=True)
     uniq_i, i_idx = np.unique(item_ids, return_inverse=True)
     titles = genres = None

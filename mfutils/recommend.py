@@ -123,6 +123,9 @@ def mask_rated(scores: torch.Tensor, rated: RatingData, users: torch.Tensor | No
     if scores.shape != (len(users), rated.n_items):
         raise ValueError(f"scores must have shape (len(users), n_items) = ({len(users)}, {rated.n_items}); "
                          f"got {tuple(scores.shape)}")
+    if users.numel() and (int(users.min()) < 0 or int(users.max()) >= rated.n_users):
+        raise ValueError(f"users must be numbers in 0..{rated.n_users - 1} (the users of rated); got values from "
+                         f"{int(users.min())} to {int(users.max())}")
     users = users.to(scores.device)
     _, crow, cols = _by_row(rated.user_idx.to(scores.device), rated.item_idx.to(scores.device), rated.n_users)
     _mask(scores, users, crow, cols)

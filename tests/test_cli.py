@@ -113,6 +113,14 @@ def test_json_is_the_last_line_with_finite_values(tmp_path, capsys):
     assert result["rating_range"][0] >= 1.0 and result["rating_range"][1] <= 5.0
 
 
+def test_fit_predict_names_the_methods_it_knows():
+    table = cli.RatingsTable(np.array(["a", "b"], dtype=object), np.array(["x", "y"], dtype=object),
+                             np.array([4.0, 3.0]), None, np.array([1, 2]), "r.csv")
+    with pytest.raises(ValueError, match=r"fit_predict\(\): method must be one of \['adam', 'als', 'bpmf', 'sgd'\]; "
+                                         r"got 'SGD'"):
+        cli.fit_predict(table, table, method="SGD")
+
+
 @pytest.mark.parametrize("method", ["als", "sgd", "adam"])
 def test_other_methods_run_and_report_their_settings(tmp_path, capsys, method):
     path = _write(tmp_path / "r.tsv", _rows(), "tab")

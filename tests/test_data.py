@@ -123,6 +123,11 @@ def test_splitting_a_single_rating_raises():
         per_user_split(from_arrays([1], [2], [3.0]))
 
 
+def test_from_arrays_wants_one_timestamp_per_rating():
+    with pytest.raises(ValueError, match=r"from_arrays\(\): timestamps must have one entry per rating \(3\); got 2"):
+        from_arrays([1, 2, 3], [1, 1, 2], [4.0, 3.0, 5.0], timestamps=[10, 20])
+
+
 def test_from_arrays_copies_read_only_pandas_columns():
     frame = pd.DataFrame({"u": [1, 2], "i": [3, 4], "r": np.array([4.0, 5.0], np.float32), "t": [7, 8]})
     data = from_arrays(frame["u"], frame["i"], frame["r"], frame["t"])

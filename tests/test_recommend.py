@@ -60,6 +60,9 @@ def test_mask_rated_hides_exactly_the_rated_pairs_of_the_given_users():
     assert torch.isneginf(scores).nonzero().tolist() == [[0, 4], [1, 1], [1, 4]]
     with pytest.raises(ValueError, match=r"scores must have shape \(len\(users\), n_items\) = \(4, 5\)"):
         recommend.mask_rated(torch.zeros(4, 6), rated)
+    expected = r"users must be numbers in 0..3 \(the users of rated\); got values from 0 to 7"
+    with pytest.raises(ValueError, match=expected):
+        recommend.mask_rated(torch.zeros(2, 5), rated, users=torch.tensor([7, 0]))
 
 
 def test_ties_go_to_the_lower_item_and_exhausted_lists_are_padded():

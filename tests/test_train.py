@@ -516,10 +516,23 @@ def test_bpmf_sums_and_training_error_equal_the_direct_computation(data):
 
 
 @pytest.mark.parametrize("kwargs, message", [({"n_samples": 0}, r"n_samples must be an integer >= 1; got 0"),
+                                             ({"n_factors": 2.0}, r"n_factors must be an integer >= 1; got 2\.0"),
                                              ({"noise_precision": -1.0}, r"noise_precision must be > 0")])
 def test_bad_bpmf_arguments_raise(data, kwargs, message):
     with pytest.raises(ValueError, match=rf"fit_bpmf\(\): {message}"):
         fit_bpmf(data[0], device="cpu", **kwargs)
+
+
+def test_bpmf_checks_val_like_the_other_trainers(data):
+    train, val = data
+    outside = RatingData(user_idx=val.user_idx + train.n_users, item_idx=val.item_idx, rating=val.rating,
+                         timestamp=val.timestamp, user_ids=val.user_ids, item_ids=val.item_ids)
+    with pytest.raises(ValueError, match=rf"fit_bpmf\(\): val.user_idx holds numbers outside 0..{train.n_users - 1}"):
+        fit_bpmf(train, val=outside, device="cpu")
+    broken = RatingData(user_idx=val.user_idx, item_idx=val.item_idx, rating=val.rating.clone().fill_(math.nan),
+                        timestamp=val.timestamp, user_ids=val.user_ids, item_ids=val.item_ids)
+    with pytest.raises(ValueError, match=r"fit_bpmf\(\): val.rating contains NaN or inf"):
+        fit_bpmf(train, val=broken, device="cpu")
 
 
 # ---------------------------------------------------------------- devices, seeds, History
