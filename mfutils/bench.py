@@ -499,7 +499,10 @@ def bytes_per_epoch(path: str, *, n_ratings: int, n_users: int, n_items: int, ra
 
 def _require_device(device: str) -> torch.device:
     """``device`` as a torch.device; a RuntimeError with a one-line reason when it cannot be used here."""
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device name; use cpu or cuda") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
         raise RuntimeError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, {build}); "
@@ -1269,6 +1272,17 @@ def _print_summary(result: dict[str, Any]) -> None:
             print(f"{name:>18}: not available: {entry['reason']}", file=sys.stderr)
 
 
+def _positive_int(text: str) -> int:
+    """An argparse ``type=``: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m mfutils.bench folds [--out PATH] ...``, ``devices --device cpu|cuda [--out PATH] ...`` or
     ``spark [--out PATH] ...``."""
@@ -1287,8 +1301,9 @@ def main(argv: list[str] | None = None) -> int:
                                                   "on synthetic ml-100k..ml-20m sizes")
     devices.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     devices.add_argument("--out", help="write the JSON here (e.g. book/results/devices_cpu.json); default: stdout")
-    devices.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    devices.add_argument("--repeats", type=int, default=3, help="timed epochs after the warm-up (median; default 3)")
+    devices.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all cores)")
+    devices.add_argument("--repeats", type=_positive_int, default=3,
+                         help="timed epochs after the warm-up (median; default 3)")
     one = commands.add_parser("_one", help="(internal) one configuration of `devices`, in a child process")
     one.add_argument("file")
     for name, kind in (("--path", str), ("--rank", int), ("--device", str), ("--batch-size", int),

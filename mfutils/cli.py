@@ -149,6 +149,13 @@ def _check_numbers(frame: pd.DataFrame, data: bytes, sep: str, header: bool, n_c
             row = frame.index[bad.argmax()]
             raw = _read(data, sep, header, n_cols, str)[col][row]
             raise UsageError(f"{path} line {row + 1 + header + skipped}: {name} {_what(raw)}")
+        if col == 2:  # ratings are trained in float32: a larger magnitude would become inf
+            big = np.abs(frame[col].to_numpy(np.float64)) > np.finfo(np.float32).max
+            if big.any():
+                row = frame.index[big.argmax()]
+                raw = _read(data, sep, header, n_cols, str)[col][row]
+                raise UsageError(f"{path} line {row + 1 + header + skipped}: rating {raw!r} is too large for "
+                                 f"float32 (at most {float(np.finfo(np.float32).max):.3g}); rescale the ratings")
 
 
 def dedupe(table: RatingsTable) -> tuple[RatingsTable, int]:
@@ -305,7 +312,7 @@ def _number_type(kind: type, low: float, *, low_open: bool = False, high: float 
             raise argparse.ArgumentTypeError(f"expected a{'n integer' if kind is int else ' number'}, "
                                              f"got {text!r}") from None
         too_low = value <= low if low_open else value < low
-        if not math.isfinite(value) or too_low or (high is not None and value >= high):
+        if not (kind is int or math.isfinite(value)) or too_low or (high is not None and value >= high):
             bound = f"{'>' if low_open else '>='} {low:g}" + (f" and < {high:g}" if high is not None else "")
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}")
         return value
@@ -346,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rank", type=_number_type(int, 1), metavar="K", help="number of latent factors")
     train.add_argument("--reg", type=_number_type(float, 0), metavar="L", help="L2 strength λ (not bpmf)")
     train.add_argument("--epochs", type=_number_type(int, 1), metavar="N", help="epochs, sweeps for bpmf")
-    train.add_argument("--seed", type=int, default=0, metavar="S", help="seed for split, init, sampling")
+    train.add_argument("--seed", type=_number_type(int, 0, high=2 ** 63), default=0, metavar="S",
+                       help="seed for split, init, sampling")
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
     train.add_argument("--predictions", metavar="OUT.csv", help="write user,item,prediction per test row")
     train.add_argument("--json", action="store_true", help="end stdout with one JSON line of results")
@@ -362,6 +370,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.method == "als" and args.reg == 0:
         raise UsageError("--method als needs --reg > 0 (each least-squares system is singular without it)")
+    if args.predictions is not None:
+        if not args.predictions:
+            raise UsageError("--predictions needs a file name, e.g. --predictions predictions.csv")
+        inputs = [p for p in (args.ratings, args.test) if p is not None and os.path.exists(p)]
+        if any(os.path.exists(args.predictions) and os.path.samefile(args.predictions, p) for p in inputs):
+            raise UsageError(f"--predictions {args.predictions} is one of the input files; it would be overwritten. "
+                             f"Name another file")
     return args
 
 

@@ -274,6 +274,17 @@ def test_devices_command_says_in_one_line_that_cuda_is_missing(tmp_path, capsys)
     assert not out.exists()
 
 
+def test_devices_command_rejects_bad_arguments_before_running(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "run_devices", lambda *a, **k: pytest.fail("the sweep must not start"))
+    for argv, message in ((["--threads", "0"], "argument --threads: must be >= 1, got '0'"),
+                          (["--repeats", "-1"], "argument --repeats: must be >= 1, got '-1'")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["devices", *argv])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert bench.main(["devices", "--device", "gpu"]) == 2
+    assert "--device gpu: not a device name; use cpu or cuda" in capsys.readouterr().err
+
+
 def test_devices_command_writes_the_json_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run_devices", lambda device, **kwargs: {"device": device, "kwargs": kwargs})
     out = tmp_path / "results" / "devices_cpu.json"

@@ -189,6 +189,7 @@ BAD_FILES = {
     "short row": ("1\t2\t4\t9\n1\t3\n", r"r.txt line 2: rating is missing"),
     "quoted rating": ('u,i,r\n1,2,"4,5"\n', r"r.txt line 2: rating '4,5' is not a number"),
     "bad timestamp": ("1::2::4::x\n", r"r.txt line 1: timestamp 'x' is not a number"),
+    "beyond float32": ("1,2,4\n1,3,1e39\n", r"r.txt line 2: rating '1e39' is too large for float32"),
 }
 
 
@@ -217,6 +218,10 @@ BAD_ARGS = {
     "directory": (["--test", "."], r"cannot read .: Is a directory"),
     "method": (["--method", "svd"], r"argument --method: invalid choice: 'svd'"),
     "predictions dir": (["--predictions", "no/such/dir/p.csv"], r"cannot write predictions to no/such/dir/p.csv"),
+    "predictions over input": (["--predictions", "r.tsv"], r"--predictions r.tsv is one of the input files"),
+    "empty predictions": (["--predictions", ""], r"--predictions needs a file name"),
+    "negative seed": (["--seed", "-1"], r"argument --seed: must be >= 0 and < 9.22337e\+18, got '-1'"),
+    "huge seed": (["--seed", "9" * 30], r"argument --seed: must be >= 0 and < 9.22337e\+18"),
 }
 
 
