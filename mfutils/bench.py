@@ -1272,17 +1272,6 @@ def _print_summary(result: dict[str, Any]) -> None:
             print(f"{name:>18}: not available: {entry['reason']}", file=sys.stderr)
 
 
-def _positive_int(text: str) -> int:
-    """An argparse ``type=``: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m mfutils.bench folds [--out PATH] ...``, ``devices --device cpu|cuda [--out PATH] ...`` or
     ``spark [--out PATH] ...``."""
@@ -1290,6 +1279,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["lenskit-worker"] and len(argv) == 2:  # LensKit's interpreter: mfutils is not importable there
         _lenskit_worker(argv[1])
         return 0
+    from mfutils.cli import _number_type
+
+    positive_int = _number_type(int, 1)
     parser = argparse.ArgumentParser(prog="python -m mfutils.bench", description=__doc__.split("\n\n")[1])
     commands = parser.add_subparsers(dest="command", required=True)
     folds = commands.add_parser("folds", help="ml-100k u1-u5: the CLI default, the article's snippet and peers")
@@ -1301,8 +1293,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "on synthetic ml-100k..ml-20m sizes")
     devices.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     devices.add_argument("--out", help="write the JSON here (e.g. book/results/devices_cpu.json); default: stdout")
-    devices.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all cores)")
-    devices.add_argument("--repeats", type=_positive_int, default=3,
+    devices.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
+    devices.add_argument("--repeats", type=positive_int, default=3,
                          help="timed epochs after the warm-up (median; default 3)")
     one = commands.add_parser("_one", help="(internal) one configuration of `devices`, in a child process")
     one.add_argument("file")
