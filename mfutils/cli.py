@@ -149,6 +149,14 @@ def _check_numbers(frame: pd.DataFrame, data: bytes, sep: str, header: bool, n_c
             row = frame.index[bad.argmax()]
             raw = _read(data, sep, header, n_cols, str)[col][row]
             raise UsageError(f"{path} line {row + 1 + header + skipped}: {name} {_what(raw)}")
+        if col == 3:  # timestamps are kept as int64: a larger magnitude would wrap around silently
+            big = np.abs(frame[col].to_numpy(np.float64)) >= 2.0 ** 63
+            if big.any():
+                row = frame.index[big.argmax()]
+                raw = _read(data, sep, header, n_cols, str)[col][row]
+                raise UsageError(f"{path} line {row + 1 + header + skipped}: timestamp {raw!r} is out of range "
+                                 f"(at most {2 ** 63 - 1:.3g} in magnitude, e.g. Unix seconds); fix or drop the "
+                                 f"timestamp column")
         if col == 2:  # ratings are trained in float32: a larger magnitude would become inf
             big = np.abs(frame[col].to_numpy(np.float64)) > np.finfo(np.float32).max
             if big.any():
@@ -223,9 +231,13 @@ def fit_predict(train_table: RatingsTable, test_table: RatingsTable, *, method: 
                 device: str | torch.device = "cpu") -> tuple[np.ndarray, dict]:
     """Number the training ids, fit, and predict every test row (unseen ids fall back to biases).
 
+    als, sgd and adam train on the training ratings mapped linearly onto 1..5 (:func:`_star_scale`), so
+    their defaults suit any rating scale; their predictions are mapped back.
+
     Returns:
         float32 predictions aligned with ``test_table`` (clipped to the training rating range), and facts
-        about the run (``n_train``, ``fit_seconds``, ``predict_seconds``, ``n_test_unknown`` ...).
+        about the run (``n_train``, ``fit_seconds``, ``predict_seconds``, ``n_test_unknown``, ``rating_map``
+        (offset, unit: rating = offset + unit * trained value) ...).
     """
     from mfutils.train import resolve_device
 
@@ -234,25 +246,80 @@ def fit_predict(train_table: RatingsTable, test_table: RatingsTable, *, method: 
     rank, reg, epochs = (DEFAULTS[method][k] if v is None else v for k, v in
                          (("rank", rank), ("reg", reg), ("epochs", epochs)))
     device, start = resolve_device(device), time.perf_counter()
-    train = to_rating_data(train_table)
+    low, high = float(train_table.rating.min()), float(train_table.rating.max())
+    scale = _star_scale(low, high) if method != "bpmf" else (0.0, 1.0)
+    train = to_rating_data(_rescaled(train_table, scale))
+    _check_memory(train, rank, device)
     model = _fit(method, train, rank, reg, epochs, seed, device)
     fit_seconds, start = time.perf_counter() - start, time.perf_counter()
     user_idx = pd.Index(train.user_ids).get_indexer(test_table.user)  # (n_test,), -1 = unseen
     item_idx = pd.Index(train.item_ids).get_indexer(test_table.item)
-    low, high = float(train.rating.min()), float(train.rating.max())
-    pred = model.predict(torch.from_numpy(user_idx), torch.from_numpy(item_idx), clip=(low, high))
-    pred = pred.cpu().numpy()
+    pred = model.predict(torch.from_numpy(user_idx), torch.from_numpy(item_idx)).cpu().numpy().astype(np.float64)
+    pred = np.clip(scale[0] + scale[1] * pred, low, high).astype(np.float32)  # back on the file's scale
     return pred, {"n_train": train.n_ratings, "n_users": train.n_users, "n_items": train.n_items,
                   "n_test": len(pred), "n_test_unknown": int(((user_idx < 0) | (item_idx < 0)).sum()),
                   "fit_seconds": fit_seconds, "predict_seconds": time.perf_counter() - start,
                   "method": method, "rank": rank, "reg": reg, "epochs": epochs, "seed": seed,
-                  "device": str(device), "rating_range": [low, high]}
+                  "device": str(device), "rating_range": [low, high], "rating_map": list(scale)}
+
+
+def _star_scale(low: float, high: float) -> tuple[float, float]:
+    """``(offset, unit)`` that maps 1..5 onto the training range ``low..high``: ``r = offset + unit * star``.
+
+    als, sgd and adam train on ``(r - offset) / unit``, which spans 1 to 5 stars whatever the file's scale,
+    so their defaults (reg, and sgd's learning rate, chosen on 1-5 stars) hold for any scale; ratings
+    already on 1..5 map to themselves. A single distinct rating keeps unit 1.
+    """
+    unit = (high - low) / 4 if high > low else 1.0
+    return low - unit, unit
+
+
+def _rescaled(table: RatingsTable, scale: tuple[float, float]) -> RatingsTable:
+    if scale == (0.0, 1.0):
+        return table
+    return RatingsTable(table.user, table.item, (table.rating - scale[0]) / scale[1], table.timestamp, table.line,
+                        table.path)
+
+
+def _check_memory(train: RatingData, rank: int, device: torch.device) -> None:
+    """Refuse a rank whose factor tables alone exceed the memory of the machine (or GPU) before allocating."""
+    needed = (train.n_users + train.n_items) * (rank + 1) * 4  # float32 factors and a bias per row
+    if device.type == "cuda":
+        available, where = torch.cuda.get_device_properties(device).total_memory, "this GPU"
+    else:
+        try:
+            available, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
+        except (AttributeError, ValueError, OSError):  # the system does not say (e.g. Windows)
+            return
+    if needed > available:
+        raise UsageError(f"--rank {rank} needs {needed / 1e9:.3g} GB for the factor tables of {train.n_users:,} "
+                         f"users and {train.n_items:,} items, more than the {available / 1e9:.3g} GB of {where}; "
+                         f"lower --rank")
 
 
 def write_predictions(path: str, test: RatingsTable, pred: np.ndarray) -> None:
-    """Write ``user,item,prediction`` atomically: a temp file in the same folder, then a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
+    """Write ``user,item,prediction`` atomically: a temp file in the same folder, then a rename.
+
+    A symbolic link is followed (the file it names is replaced, the link kept). A path that is not a
+    regular file (``/dev/stdout``, a named pipe) is written directly: renaming over it would replace it.
+    The file gets the permissions a new file gets (the umask's), or keeps those of the file it replaces.
+    """
     frame = pd.DataFrame({"user": test.user, "item": test.item, "prediction": pred})
+    if os.path.exists(path) and not os.path.isfile(path):
+        try:
+            with open(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+                frame.to_csv(f, index=False, float_format="%.4f")
+        except OSError as exc:
+            raise UsageError(f"cannot write predictions to {path}: {exc.strerror or exc}") from None
+        return
+    target = os.path.realpath(path)
+    folder = os.path.dirname(target)
+    if os.path.exists(target):
+        mode = os.stat(target).st_mode & 0o7777
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".mfutils-", suffix=".csv.tmp")
     except OSError as exc:
@@ -260,7 +327,8 @@ def write_predictions(path: str, test: RatingsTable, pred: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
             frame.to_csv(f, index=False, float_format="%.4f")
-        os.replace(tmp, path)
+        os.chmod(tmp, mode)  # mkstemp made it private (0600)
+        os.replace(tmp, target)
     except OSError as exc:
         os.unlink(tmp)
         raise UsageError(f"cannot write predictions to {path}: {exc.strerror or exc}") from None
@@ -327,7 +395,8 @@ class _Parser(argparse.ArgumentParser):
 _EPILOG = """\
 input files: one rating per row, columns user, item, rating[, timestamp] (by position; more are ignored).
   CSV with a header (ratings.csv), tab-separated (u.data), '::'-separated (ratings.dat) or space-separated;
-  detected from the first line. Ids are any tokens; ratings any numeric scale.
+  detected from the first line. Ids are any tokens; ratings any numeric scale (als, sgd and adam train on
+  the training range mapped onto 1 to 5, where their defaults were chosen, and predict on the file's scale).
 duplicates: if RATINGS rates the same (user, item) twice, the latest rating by timestamp is kept (by file
   order when timestamps tie or are absent); this happens before --test-frac splits. TEST rows are all kept.
 unknown ids: a TEST user or item that is not in training is predicted from the item bias, the user bias or
@@ -377,6 +446,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         if any(os.path.exists(args.predictions) and os.path.samefile(args.predictions, p) for p in inputs):
             raise UsageError(f"--predictions {args.predictions} is one of the input files; it would be overwritten. "
                              f"Name another file")
+        folder = os.path.dirname(os.path.realpath(args.predictions))
+        if os.path.isdir(args.predictions) or not os.path.isdir(folder):  # found now, not after training
+            why = "Is a directory" if os.path.isdir(args.predictions) else f"no folder {folder}"
+            raise UsageError(f"cannot write predictions to {args.predictions}: {why}")
     return args
 
 
@@ -405,7 +478,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with MFUTILS_DEBUG=1 for a traceback)",
               file=sys.stderr)
         return 1
-    print(_summary(result))
-    if args.json:
-        print(json.dumps(result))
+    return _report(result, args.json)
+
+
+def _report(result: dict, as_json: bool) -> int:
+    """Print the summary (and the JSON line); a closed pipe or a full disk on stdout ends quietly, exit 1."""
+    try:
+        print(_summary(result))
+        if as_json:
+            print(json.dumps(result))
+        sys.stdout.flush()
+    except OSError as exc:
+        try:  # nothing more can reach stdout: point it at devnull, so the interpreter's last flush is quiet
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout has no file descriptor (replaced in-process)
+            pass
+        if not isinstance(exc, BrokenPipeError):  # a reader that closed the pipe wanted no more
+            print(f"error: cannot write the results to standard output: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0

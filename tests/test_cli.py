@@ -190,6 +190,7 @@ BAD_FILES = {
     "quoted rating": ('u,i,r\n1,2,"4,5"\n', r"r.txt line 2: rating '4,5' is not a number"),
     "bad timestamp": ("1::2::4::x\n", r"r.txt line 1: timestamp 'x' is not a number"),
     "beyond float32": ("1,2,4\n1,3,1e39\n", r"r.txt line 2: rating '1e39' is too large for float32"),
+    "timestamp beyond int64": ("1,2,4,7\n1,3,4,-1e20\n", r"r.txt line 2: timestamp '-1e20' is out of range"),
 }
 
 
@@ -222,6 +223,10 @@ BAD_ARGS = {
     "empty predictions": (["--predictions", ""], r"--predictions needs a file name"),
     "negative seed": (["--seed", "-1"], r"argument --seed: must be >= 0 and < 9.22337e\+18, got '-1'"),
     "huge seed": (["--seed", "9" * 30], r"argument --seed: must be >= 0 and < 9.22337e\+18"),
+    "predictions is a folder": (["--predictions", "."], r"cannot write predictions to \.: Is a directory"),
+    "rank beyond memory": (["--method", "als", "--rank", str(10 ** 13)],
+                           r"--rank 10000000000000 needs 8\.4e\+05 GB for the factor tables of 12 users and 9 "
+                           r"items, more than the .* GB of this machine; lower --rank"),
 }
 
 
@@ -233,6 +238,87 @@ def test_bad_arguments_exit_2_with_one_error_line(tmp_path, capsys, monkeypatch,
     code, _, err = _run(capsys, "train", "r.tsv", *extra)
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ")
     assert re.search(message, err), err
+
+
+def test_output_problems_are_found_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "r.tsv", _rows(), "tab")
+    monkeypatch.setattr(cli, "_fit", lambda *a, **k: pytest.fail("trained before checking --predictions"))
+    for target, why in ((".", "Is a directory"), ("no/such/p.csv", "no folder")):
+        code, _, err = _run(capsys, "train", "r.tsv", "--predictions", target)
+        assert code == 2 and err.startswith(f"error: cannot write predictions to {target}: {why}"), err
+
+
+@pytest.mark.parametrize("method", ["als", "sgd", "adam"])
+def test_any_rating_scale_trains_like_stars(tmp_path, capsys, method):
+    """Ratings a * stars + b train on the same 1..5 values, so the test RMSE scales by a (seen: ALS's
+    Cholesky failed and SGD diverged on 1e5-scaled ratings before the CLI mapped them)."""
+    stars = _rows(n=90)
+    stars.loc[:1, "rating"] = [1.0, 5.0]  # the range is exactly 1..5: the stars train as they are
+    scaled = stars.assign(rating=1e5 * stars.rating - 3.0)
+    results = []
+    for name, frame in (("stars.tsv", stars), ("scaled.tsv", scaled)):
+        code, out, err = _run(capsys, "train", _write(tmp_path / name, frame, "tab").as_posix(), "--method", method,
+                              "--epochs", "5", "--json")
+        assert code == 0, err
+        results.append(_result(out))
+    assert results[0]["rating_map"] == [0.0, 1.0] and results[1]["rating_map"] == [-3.0, 1e5]
+    assert results[1]["rmse"] == pytest.approx(1e5 * results[0]["rmse"], rel=1e-3)
+
+
+def test_predictions_follow_a_link_and_get_ordinary_permissions(tmp_path, capsys):
+    path = _write(tmp_path / "r.tsv", _rows(), "tab")
+    (tmp_path / "real.csv").write_text("old\n")
+    os.chmod(tmp_path / "real.csv", 0o640)
+    (tmp_path / "link.csv").symlink_to("real.csv")
+    assert _run(capsys, "train", str(path), "--predictions", str(tmp_path / "link.csv"))[0] == 0
+    assert (tmp_path / "link.csv").is_symlink() and (tmp_path / "real.csv").read_text().startswith("user,item,")
+    assert (tmp_path / "real.csv").stat().st_mode & 0o777 == 0o640  # the replaced file's permissions
+    umask = os.umask(0o022)
+    try:
+        assert _run(capsys, "train", str(path), "--predictions", str(tmp_path / "new.csv"))[0] == 0
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "new.csv").stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_predictions_into_a_named_pipe_keep_the_pipe(tmp_path, capsys):
+    import stat
+    import threading
+
+    path, fifo = _write(tmp_path / "r.tsv", _rows(), "tab"), tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+    reader.start()
+    code, _, err = _run(capsys, "train", str(path), "--predictions", str(fifo))
+    if reader.is_alive():  # the old code renamed a file over the pipe and never opened it
+        with open(fifo, "w"):
+            pass
+    reader.join(10)
+    assert code == 0, err
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and received[0].startswith("user,item,prediction\n")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_stdout_is_one_error_line_and_a_closed_pipe_is_quiet(tmp_path):
+    _write(tmp_path / "r.tsv", _rows(), "tab")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "mfutils", "train", "r.tsv", "--json"]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr == "error: cannot write the results to standard output: No space left on device\n"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read: every write to the pipe fails
+    try:
+        proc = subprocess.run(argv, stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
+                              timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1 and proc.stderr == ""
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
