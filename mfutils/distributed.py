@@ -687,7 +687,8 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter,
                      description="Alternating least squares on several processes (torch.distributed).")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--synthetic", nargs=3, type=_number_type(int, 1), metavar=("N_USERS", "N_ITEMS", "N_RATINGS"),
+    source.add_argument("--synthetic", nargs=3, type=_number_type(int, 1, high=2 ** 63),
+                        metavar=("N_USERS", "N_ITEMS", "N_RATINGS"),
                         help="MovieLens-like synthetic ratings (mfutils.synthetic.synthetic with --seed)")
     source.add_argument("--ratings", metavar="PATH", help="a ratings file, formats as 'python -m mfutils train'")
     parser.add_argument("--test-frac", type=_number_type(float, 0, high=1), default=0.2, metavar="F",
@@ -698,14 +699,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"L2 strength λ > 0 (default {als['reg']})")
     parser.add_argument("--epochs", type=_number_type(int, 1), default=als["epochs"], metavar="E",
                         help=f"ALS sweeps (default {als['epochs']})")
-    parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed for data, split and init (default 0)")
+    parser.add_argument("--seed", type=_number_type(int, 0, high=2 ** 63), default=0, metavar="S",
+                        help="seed for data, split and init, 0 <= S < 2**63 (default 0)")
     parser.add_argument("--no-biases", action="store_true", help="factors only, no user and item biases")
     parser.add_argument("--no-mean", action="store_true",
                         help="global mean 0: fit the ratings as they are, not centred (as Spark MLlib's ALS does)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="cpu (gloo), cuda (nccl) or auto (default)")
-    parser.add_argument("--timeout", type=_number_type(float, 0, low_open=True), default=60.0, metavar="SECONDS",
-                        help="a collective waiting longer fails (a dead peer; default 60)")
+    # below 1e9: torch overflows on larger timeouts (seen from 1e10 s under torchrun, 1e13 s without it)
+    parser.add_argument("--timeout", type=_number_type(float, 0, low_open=True, high=1e9), default=60.0,
+                        metavar="SECONDS", help="a collective waiting longer fails (a dead peer; default 60)")
     parser.add_argument("--out", metavar="PATH.json", help="rank 0 writes the results here")
     parser.add_argument("--save-factors", metavar="PATH.pt", help="rank 0 saves the trained model's state_dict")
     parser.add_argument("--progress", action="store_true", help="a progress bar over sweeps on rank 0")
@@ -715,10 +718,23 @@ def build_parser() -> argparse.ArgumentParser:
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     UsageError = _usage_error()
     args = build_parser().parse_args(None if argv is None else list(argv))
-    for option, path in (("--out", args.out), ("--save-factors", args.save_factors)):
-        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise UsageError(f"{option} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist; "
-                             f"create it first")
+    outputs = [(o, p, e) for o, p, e in (("--out", args.out, "results.json"),
+                                         ("--save-factors", args.save_factors, "factors.pt")) if p is not None]
+    for option, path, example in outputs:  # checked now: after training, a bad path would lose the run
+        folder = os.path.dirname(os.path.abspath(path))
+        if not path:
+            raise UsageError(f"{option} needs a file name, e.g. {option} {example}")
+        if os.path.isdir(path) or path.endswith(("/", os.sep)):
+            raise UsageError(f"{option} {path} names a folder, not a file; name a file in it, e.g. "
+                             f"{option} {os.path.join(path, example)}")
+        if not os.path.isdir(folder):
+            raise UsageError(f"{option} {path}: the folder {folder} does not exist; create it first")
+        if args.ratings and os.path.exists(path) and os.path.exists(args.ratings) \
+                and os.path.samefile(path, args.ratings):
+            raise UsageError(f"{option} {path} is the --ratings file; it would be overwritten. Name another file")
+    if len(outputs) == 2 and os.path.realpath(args.out) == os.path.realpath(args.save_factors):
+        raise UsageError(f"--out and --save-factors both name {args.out}; the results would overwrite the factors. "
+                         f"Name two files")
     if args.synthetic is not None:
         n_users, n_items, n_ratings = args.synthetic
         if n_ratings > n_users * n_items // 2:
@@ -728,7 +744,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _environment() -> tuple[int, int, int, bool]:
-    """(rank, world size, local rank, under torchrun) from torchrun's variables; (0, 1, 0, False) without them."""
+    """(rank, world size, local rank, under torchrun) from torchrun's variables; (0, 1, 0, False) without them.
+
+    Raises the CLI's UsageError when only some are set, or when they are not integers with WORLD_SIZE >= 1
+    and 0 <= RANK, LOCAL_RANK < WORLD_SIZE.
+    """
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     present = [n for n in names if n in os.environ]
     if not present:
@@ -741,6 +761,10 @@ def _environment() -> tuple[int, int, int, bool]:
         rank, world, local = (int(os.environ[n]) for n in names[:3])
     except ValueError:
         raise _usage_error()("RANK, WORLD_SIZE and LOCAL_RANK must be integers (they are set by torchrun)") from None
+    if world < 1 or not 0 <= rank < world or not 0 <= local < world:
+        raise _usage_error()(f"torchrun's environment is inconsistent (RANK={rank}, WORLD_SIZE={world}, "
+                             f"LOCAL_RANK={local}): it needs WORLD_SIZE >= 1 and 0 <= RANK, LOCAL_RANK < WORLD_SIZE; "
+                             f"start under torchrun, or unset {', '.join(names)} to run as one process")
     return rank, world, local, True
 
 
@@ -860,6 +884,8 @@ def _describe(exc: BaseException, timeout: float) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m mfutils.distributed`` (one rank of the group); returns the exit status."""
+    from mfutils.cli import _check_memory
+
     started = time.perf_counter()
     UsageError = _usage_error()
     try:
@@ -867,6 +893,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rank, world, local_rank, under_torchrun = _environment()
         device = _cli_device(args.device, local_rank)
         train, test, source = _load(args)
+        _check_memory(train, args.rank, device)  # as 'mfutils train': every rank holds both tables in full
     except (UsageError, ValueError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

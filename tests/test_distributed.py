@@ -247,6 +247,12 @@ BAD = [
     (["--synthetic", "10", "10", "60"], "at most 50 ratings fit"),
     (["--test-frac", "1"], "--test-frac: must be >= 0 and < 1"),
     (["--out", "/nonexistent/folder/r.json"], "does not exist"),
+    (["--seed", "-1"], "--seed: must be >= 0 and < 9.22337e+18, got '-1'"),  # as 'mfutils train'
+    (["--seed", "9" * 30], "--seed: must be >= 0 and < 9.22337e+18, got '999"),
+    (["--timeout", "1e10"], "--timeout: must be > 0 and < 1e+09"),  # torch overflows on it
+    (["--synthetic", "9" * 20, "10", "10"], "--synthetic: must be >= 1 and < 9.22337e+18"),
+    (["--out", ""], "--out needs a file name"),
+    (["--rank", "9" * 20], "GB of this machine; lower --rank"),  # as 'mfutils train'
 ]
 
 
@@ -258,6 +264,49 @@ def test_bad_input_exits_2_with_one_error_line(tmp_path, capsys, extra, message)
     assert code == 2 and captured.out == ""
     assert captured.err.startswith("error: ") and captured.err.count("\n") == 1 and message in captured.err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def _one_error_line(capsys, code: int, message: str) -> None:
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "", captured
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1 and message in captured.err, captured
+
+
+@pytest.mark.parametrize("case", ["out is a folder", "factors is a folder", "trailing slash", "out is the ratings",
+                                  "out is the factors"])
+def test_output_paths_are_checked_before_training(tmp_path, capsys, case):
+    """A path that cannot take the results is refused up front (exit 2), not after training (exit 1)."""
+    folder, ratings = tmp_path / "folder", tmp_path / "u.data"
+    folder.mkdir()
+    ratings.write_text("1\t1\t4\n1\t2\t3\n2\t1\t5\n2\t2\t1\n")
+    out, factors = str(tmp_path / "r.json"), str(tmp_path / "f.pt")
+    source = ["--ratings", str(ratings)] if case == "out is the ratings" else ["--synthetic", "50", "40", "600"]
+    paths, message = {
+        "out is a folder": ((str(folder), factors), f"--out {folder} names a folder, not a file"),
+        "factors is a folder": ((out, str(folder)), f"--save-factors {folder} names a folder, not a file"),
+        "trailing slash": ((str(tmp_path / "new") + "/", factors), "names a folder, not a file"),
+        "out is the ratings": ((str(ratings), factors), f"--out {ratings} is the --ratings file"),
+        "out is the factors": ((out, out), "--out and --save-factors both name"),
+    }[case]
+    code = distributed.main([*source, "--test-frac", "0", "--rank", "2", "--epochs", "1", "--device", "cpu",
+                             "--out", paths[0], "--save-factors", paths[1]])
+    _one_error_line(capsys, code, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "u.data"] and not list(folder.iterdir())
+    assert ratings.read_text().startswith("1\t1\t4\n")
+
+
+@pytest.mark.parametrize("rank, world, local", [(2, 2, 0), (-1, 2, 0), (0, 2, -1), (0, 0, 0), (0, 1, 1)],
+                         ids=["rank=world", "negative rank", "negative local rank", "world 0", "local rank=world"])
+def test_an_inconsistent_torchrun_environment_exits_2(tmp_path, capsys, monkeypatch, rank, world, local):
+    for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", distributed._free_port())):
+        monkeypatch.setenv(name, str(value))
+    out = tmp_path / "r.json"
+    code = distributed.main([*ARGS, "--timeout", "3", "--out", str(out)])  # 3 s: were it unchecked, no long hang
+    _one_error_line(capsys, code, f"torchrun's environment is inconsistent (RANK={rank}, WORLD_SIZE={world}, "
+                                  f"LOCAL_RANK={local}): it needs WORLD_SIZE >= 1 and 0 <= RANK, LOCAL_RANK < "
+                                  f"WORLD_SIZE")
+    assert not list(tmp_path.iterdir()) and not dist.is_initialized()
 
 
 def test_cuda_without_cuda_exits_2(tmp_path, capsys):
