@@ -888,17 +888,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     UsageError = _usage_error()
+    who = None
     try:
         args = _parse_args(argv)
         rank, world, local_rank, under_torchrun = _environment()
+        who, phase = f"rank {rank} of {world}", "choosing the device"
         device = _cli_device(args.device, local_rank)
+        phase = "loading the data"
         train, test, source = _load(args)
         _check_memory(train, args.rank, device)  # as 'mfutils train': every rank holds both tables in full
     except (UsageError, ValueError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - e.g. no memory for the data; MFUTILS_DEBUG=1 shows the traceback
+        if os.environ.get("MFUTILS_DEBUG") or who is None:
+            raise
+        print(f"error: {who}: {phase} failed: {_describe(exc, args.timeout)}", file=sys.stderr)
+        return 1
 
-    who, phase = f"rank {rank} of {world}", "joining the process group"
+    phase = "joining the process group"
     backend = "nccl" if device.type == "cuda" else "gloo"
     try:
         timeout = datetime.timedelta(seconds=args.timeout)

@@ -309,6 +309,16 @@ def test_an_inconsistent_torchrun_environment_exits_2(tmp_path, capsys, monkeypa
     assert not list(tmp_path.iterdir()) and not dist.is_initialized()
 
 
+def test_data_too_large_to_build_fails_with_one_line(tmp_path, capsys):
+    """2**62 synthetic users pass the option check, but torch cannot even size the tables: exit 1, no traceback."""
+    code = distributed.main(["--synthetic", str(2 ** 62), "10", "10", "--device", "cpu",
+                             "--out", str(tmp_path / "r.json")])
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == "" and captured.err.count("\n") == 1, captured
+    assert captured.err.startswith("error: rank 0 of 1: loading the data failed: RuntimeError: "), captured
+    assert not list(tmp_path.iterdir())
+
+
 def test_cuda_without_cuda_exits_2(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
