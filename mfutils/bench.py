@@ -1212,6 +1212,8 @@ def _check_spark_args(args: argparse.Namespace) -> str | None:
         return f"--reg must be > 0 (each row's system is singular without it), got {args.reg}"
     if not 0 < args.test_frac < 1:
         return f"--test-frac must be strictly between 0 and 1, got {args.test_frac}"
+    if not 0 <= args.seed < 2 ** 63:  # numpy's and torch's generators, and Spark's Java long
+        return f"--seed must be >= 0 and < 2**63, got {args.seed}"
     return None
 
 

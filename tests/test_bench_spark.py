@@ -70,6 +70,8 @@ def fake_launch(monkeypatch):
     (("--reg", "0"), "--reg must be > 0"),
     (("--reg", "nan"), "--reg must be > 0"),
     (("--test-frac", "1"), "--test-frac must be strictly between 0 and 1"),
+    (("--seed", "-1"), "--seed must be >= 0 and < 2**63, got -1"),
+    (("--seed", "9" * 20), "--seed must be >= 0 and < 2**63, got 99999999999999999999"),
     (("--size", "10", "10", "51"), "at most 50 ratings fit"),
     (("--size", "0", "10", "5"), "need at least 1 user"),
     (("--size", "10", "10"), "expected 3 arguments"),
