@@ -5,6 +5,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -263,6 +264,11 @@ def test_device_targets_take_the_fastest_sgd_type_path_at_ml20m_rank_64():
                                              "ratio": 1.0, "peak_rss_bytes": 1e9}])
     assert targets["fastest_sgd_path"] == "sgd" and targets["sgd_ratio"] == 2.5 and targets["sgd_met"] is True
     assert targets["als_ratio"] == 4.0 and targets["als_met"] is False and targets["memory_met"] is False
+    gpu = bench._device_targets([{**r, "epoch_seconds": r["epoch_seconds"] / 400, "peak_device_bytes": 1e9}
+                                 for r in rows], cuda=True)
+    assert gpu == {"at": "ml-20m, rank 64", "max_epoch_seconds": 0.05, "fastest_sgd_path": "sgd",
+                   "sgd_epoch_seconds": 0.025, "sgd_met": True,
+                   "peak_device_bytes": {"sgd": 1e9, "adam": 1e9, "als": 1e9}}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -285,9 +291,91 @@ def test_devices_command_rejects_bad_arguments_before_running(tmp_path, capsys, 
     assert "--device gpu: not a device name; use cpu or cuda" in capsys.readouterr().err
 
 
-def test_devices_command_writes_the_json_atomically(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "run_devices", lambda device, **kwargs: {"device": device, "kwargs": kwargs})
+def test_devices_command_writes_the_json_atomically_after_every_configuration(tmp_path, monkeypatch):
+    seen = []
+
+    def fake(device, checkpoint, **kwargs):
+        checkpoint({"runs": [1], "complete": False})
+        seen.append(json.loads(out.read_text()))  # the partial results are on disk while the sweep goes on
+        return {"device": device, "kwargs": kwargs, "complete": True}
+
+    monkeypatch.setattr(bench, "run_devices", fake)
     out = tmp_path / "results" / "devices_cpu.json"
     assert bench.main(["devices", "--device", "cpu", "--threads", "2", "--out", str(out)]) == 0
-    assert json.loads(out.read_text()) == {"device": "cpu", "kwargs": {"threads": 2, "repeats": 3}}  # 3: the default
+    assert seen == [{"runs": [1], "complete": False}]
+    assert json.loads(out.read_text()) == {"device": "cpu", "kwargs": {"threads": 2, "repeats": 3},  # 3: the default
+                                           "complete": True}
     assert [p.name for p in out.parent.iterdir()] == ["devices_cpu.json"]
+
+
+TINY_SWEEP = {"grid": (("tiny", (3,)),), "shapes": {"tiny": (40, 30, 300)}, "paths": ("sgd", "als"), "threads": 1,
+              "batch_series": None}
+
+
+def test_an_unfinished_sweep_resumes_without_running_its_finished_configurations():
+    partials = []
+    first = bench.run_devices("cpu", **TINY_SWEEP, checkpoint=lambda r: partials.append(json.loads(json.dumps(r))))
+    assert [len(p["runs"]) for p in partials] == [1, 2] and not any(p["complete"] for p in partials)
+    assert first["complete"] is True
+    resumed = bench.run_devices("cpu", **TINY_SWEEP, resume=partials[0])
+    assert resumed["complete"] is True and [r["path"] for r in resumed["runs"]] == ["sgd", "als"]
+    assert resumed["runs"][0]["all_epoch_seconds"] == partials[0]["runs"][0]["all_epoch_seconds"]  # not run again
+    assert resumed["runs"][1]["all_epoch_seconds"] != first["runs"][1]["all_epoch_seconds"]  # run now
+    assert resumed["roof_measurements"][0] == partials[0]["roof_measurements"][0]  # the first run's "before"
+    assert "ratio" in resumed["runs"][0] and "ratio" in resumed["runs"][1]
+    with pytest.raises(ValueError, match="resume: that results file is a finished sweep"):
+        bench.run_devices("cpu", **TINY_SWEEP, resume=first)
+    with pytest.raises(ValueError, match="resume: that sweep differs in torch_threads, machine.cpu"):
+        other = {**partials[0], "torch_threads": 7, "machine": {**partials[0]["machine"], "cpu": "another"}}
+        bench.run_devices("cpu", **TINY_SWEEP, resume=other)
+
+
+def test_a_child_runs_configurations_in_turn_and_records_a_failure_without_stopping(tmp_path, capsys):
+    data, _ = synthetic(40, 30, 300, seed=1)
+    file = tmp_path / "tiny.pt"
+    torch.save({"user_idx": data.user_idx, "item_idx": data.item_idx, "rating": data.rating,
+                "n_users": data.n_users, "n_items": data.n_items, "name": "tiny"}, file)
+    config = {"path": "fused", "rank": 3, "batch_size": 64, "warmup": 1, "repeats": 1}
+    bench._many(str(file), [config, {**config, "precision": "tf32"}, config], "cpu")
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 3 and "epoch_seconds" in rows[0] and "epoch_seconds" in rows[2]
+    assert rows[1] == {"error": "ValueError: precision 'tf32' exists on NVIDIA GPUs only; use fp32 on the CPU"}
+    assert rows[0]["train_rmse"] == rows[2]["train_rmse"]  # the same data, loaded once, trains alike
+
+
+def test_configurations_can_share_one_child_and_each_reports_its_own_peak(tmp_path):
+    data, _ = synthetic(40, 30, 300, seed=1)
+    file = tmp_path / "tiny.pt"
+    torch.save({"user_idx": data.user_idx, "item_idx": data.item_idx, "rating": data.rating,
+                "n_users": data.n_users, "n_items": data.n_items, "name": "tiny"}, file)
+    big = {"path": "adam", "rank": 50000, "batch_size": 64, "warmup": 1, "repeats": 1}  # some 300 MB at its peak
+    small = {"path": "als", "rank": 2, "batch_size": 64, "warmup": 1, "repeats": 1}
+    rows = list(bench._children(str(file), [big, small], torch.device("cpu"), 1, shared=True))
+    assert all("epoch_seconds" in r for r in rows), rows
+    assert rows[0]["data_rss_bytes"] == rows[1]["data_rss_bytes"]  # one process, the data loaded once
+    if sys.platform == "linux":  # the child lowered its recorded peak between the two
+        assert "peak_rss_note" not in rows[1] and rows[1]["peak_rss_bytes"] < rows[0]["peak_rss_bytes"]
+
+
+def test_a_child_that_takes_too_long_is_killed_and_its_configurations_say_so(tmp_path):
+    config = {"path": "sgd", "rank": 3, "batch_size": 64, "warmup": 1, "repeats": 1, "precision": "fp32",
+              "val_frac": 0.0}
+    start = time.perf_counter()
+    rows = list(bench._children(str(tmp_path / "never-read.pt"), [config, config], torch.device("cpu"), 1,
+                                timeout=0.2))  # starting Python and torch alone takes longer
+    assert rows == [{"error": "no result within 0.2 s"}] * 2 and time.perf_counter() - start < 30
+
+
+def test_a_child_that_fails_reports_its_last_error_line(tmp_path):
+    config = {"path": "sgd", "rank": 3, "batch_size": 64, "warmup": 1, "repeats": 1}
+    rows = list(bench._children(str(tmp_path / "missing.pt"), [config], torch.device("cpu"), 1))
+    assert len(rows) == 1 and rows[0]["error"].startswith("FileNotFoundError")
+
+
+def test_devices_command_refuses_an_unreadable_resume_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "run_devices", lambda *a, **k: pytest.fail("the sweep must not start"))
+    (tmp_path / "bad.json").write_text("{")
+    for name in ("missing.json", "bad.json"):
+        assert bench.main(["devices", "--resume", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"python -m mfutils.bench devices: error: --resume ")
