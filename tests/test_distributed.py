@@ -14,6 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -317,6 +318,21 @@ def test_data_too_large_to_build_fails_with_one_line(tmp_path, capsys):
     assert code == 1 and captured.out == "" and captured.err.count("\n") == 1, captured
     assert captured.err.startswith("error: rank 0 of 1: loading the data failed: RuntimeError: "), captured
     assert not list(tmp_path.iterdir())
+
+
+def test_a_broken_least_squares_system_says_how_to_fix_it(tmp_path, capsys):
+    """Ratings of magnitude 1e5 make float32 Gram matrices lose positive definiteness: one line with the fix."""
+    rng = np.random.default_rng(0)
+    pairs = rng.choice(60 * 40, size=700, replace=False)
+    rows = "".join(f"{p // 40},{p % 40},{1e5 * rng.integers(1, 6)}\n" for p in pairs)
+    (tmp_path / "r.csv").write_text("user,item,rating\n" + rows)
+    code = distributed.main(["--ratings", str(tmp_path / "r.csv"), "--epochs", "3", "--device", "cpu",
+                             "--out", str(tmp_path / "r.json")])
+    captured = capsys.readouterr()
+    assert code == 1 and captured.err.count("\n") == 1, captured
+    assert captured.err.startswith("error: rank 0 of 1: training failed: _LinAlgError: ")
+    assert "rescale them to a few units (e.g. 1 to 5) or raise --reg" in captured.err
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_cuda_without_cuda_exits_2(tmp_path, capsys):
