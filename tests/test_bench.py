@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -328,6 +329,31 @@ def test_an_unfinished_sweep_resumes_without_running_its_finished_configurations
     with pytest.raises(ValueError, match="resume: that sweep differs in torch_threads, machine.cpu"):
         other = {**partials[0], "torch_threads": 7, "machine": {**partials[0]["machine"], "cpu": "another"}}
         bench.run_devices("cpu", **TINY_SWEEP, resume=other)
+
+
+def test_configurations_reach_the_children_grouped_by_kind_and_data_set(monkeypatch):
+    calls = []
+
+    def fake_children(file, configs, device, threads):
+        calls.append((os.path.basename(file), [(c["path"], c["batch_size"], c["precision"]) for c in configs]))
+        return [{"epoch_seconds": 1.0, "all_epoch_seconds": [1.0], "peak_rss_bytes": 1} for _ in configs]
+
+    monkeypatch.setattr(bench, "_children", fake_children)
+    shapes = {"a": (30, 20, 100), "b": (40, 30, 300)}
+    result = bench.run_devices("cpu", grid=(("a", (2,)), ("b", (2,))), shapes=shapes, paths=("fused", "als"),
+                               threads=1, batch_series=("a", 2, (16, 32)), precision_series=(("fused", "fp32"),))
+    assert calls == [("a.pt", [("fused", 32768, "fp32"), ("als", 32768, "fp32")]),  # the grid at each size
+                     ("b.pt", [("fused", 32768, "fp32"), ("als", 32768, "fp32")]),
+                     ("a.pt", [("fused", 16, "fp32"), ("fused", 32, "fp32")]),  # the batch series
+                     ("b.pt", [("fused", 32768, "fp32")])]  # the precision series, at the largest size
+    assert [len(result[k]) for k in ("runs", "batch_runs", "precision_runs")] == [4, 2, 1]
+    partial = {**result, "complete": False, "runs": result["runs"][:3], "batch_runs": [],  # cut short during
+               "precision_runs": []}  # the second size's ALS
+    calls.clear()
+    bench.run_devices("cpu", grid=(("a", (2,)), ("b", (2,))), shapes=shapes, paths=("fused", "als"), threads=1,
+                      batch_series=("a", 2, (16, 32)), precision_series=(("fused", "fp32"),), resume=partial)
+    assert calls == [("b.pt", [("als", 32768, "fp32")]), ("a.pt", [("fused", 16, "fp32"), ("fused", 32, "fp32")]),
+                     ("b.pt", [("fused", 32768, "fp32")])]
 
 
 def test_a_child_runs_configurations_in_turn_and_records_a_failure_without_stopping(tmp_path, capsys):
