@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,7 @@ import torch
 from mfutils import __version__
 from mfutils.data import RatingData
 
-__all__ = ["main", "build_parser", "read_ratings", "dedupe", "fit_predict", "RatingsTable", "UsageError"]
+__all__ = ["main", "build_parser", "read_ratings", "dedupe", "fit_predict", "write_file", "RatingsTable", "UsageError"]
 
 DEFAULTS = {  # per method: rank, reg, epochs (chosen on validation splits of ml-100k u*.base)
     "bpmf": {"rank": 6, "reg": None, "epochs": 20},
@@ -297,44 +298,43 @@ def _check_memory(train: RatingData, rank: int, device: torch.device) -> None:
                          f"lower --rank")
 
 
-def write_predictions(path: str, test: RatingsTable, pred: np.ndarray) -> None:
-    """Write ``user,item,prediction`` atomically: a temp file in the same folder, then a rename.
+def write_file(path: str, write: Callable[[str], None], *, prefix: str = ".mfutils-") -> None:
+    """``write(p)`` the file at ``path`` whole or not at all: into a temporary file beside it, then a rename.
 
-    A symbolic link is followed (the file it names is replaced, the link kept). A path that is not a
-    regular file (``/dev/stdout``, a named pipe) is written directly: renaming over it would replace it.
-    The file gets the permissions a new file gets (the umask's), or keeps those of the file it replaces.
+    A symbolic link is followed (the file it names is replaced, the link kept). A path that exists and
+    is not a regular file (``/dev/stdout``, a named pipe) is written directly: renaming over it would
+    replace it. The file gets the permissions a new file gets (the umask's), or keeps those of the file
+    it replaces. OSError passes through; the temporary file never stays behind.
     """
-    frame = pd.DataFrame({"user": test.user, "item": test.item, "prediction": pred})
     if os.path.exists(path) and not os.path.isfile(path):
-        try:
-            with open(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
-                frame.to_csv(f, index=False, float_format="%.4f")
-        except OSError as exc:
-            raise UsageError(f"cannot write predictions to {path}: {exc.strerror or exc}") from None
+        write(path)
         return
     target = os.path.realpath(path)
-    folder = os.path.dirname(target)
     if os.path.exists(target):
         mode = os.stat(target).st_mode & 0o7777
     else:
         umask = os.umask(0)
         os.umask(umask)
         mode = 0o666 & ~umask
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=prefix, suffix=".tmp")
+    os.close(fd)
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".mfutils-", suffix=".csv.tmp")
-    except OSError as exc:
-        raise UsageError(f"cannot write predictions to {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
-            frame.to_csv(f, index=False, float_format="%.4f")
+        write(tmp)
         os.chmod(tmp, mode)  # mkstemp made it private (0600)
         os.replace(tmp, target)
-    except OSError as exc:
-        os.unlink(tmp)
-        raise UsageError(f"cannot write predictions to {path}: {exc.strerror or exc}") from None
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_predictions(path: str, test: RatingsTable, pred: np.ndarray) -> None:
+    """Write ``user,item,prediction`` per test row with :func:`write_file` (whole or not at all)."""
+    frame = pd.DataFrame({"user": test.user, "item": test.item, "prediction": pred})
+    try:
+        write_file(path, lambda p: frame.to_csv(p, index=False, float_format="%.4f", encoding="utf-8",
+                                                errors="surrogateescape", lineterminator="\n"))
+    except OSError as exc:
+        raise UsageError(f"cannot write predictions to {path}: {exc.strerror or exc}") from None
 
 
 def _train_command(args: argparse.Namespace) -> dict:

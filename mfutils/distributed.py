@@ -815,15 +815,10 @@ def _fail_point(rank: int, sweep: int) -> None:
 
 
 def _write_atomic(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".mfutils-dist-", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """``write(tmp)`` whole or not at all (:func:`mfutils.cli.write_file`: beside ``path``, then a rename)."""
+    from mfutils.cli import write_file
+
+    write_file(path, write, prefix=".mfutils-dist-")
 
 
 def _finite(x: float) -> float | None:

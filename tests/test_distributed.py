@@ -335,6 +335,16 @@ def test_a_broken_least_squares_system_says_how_to_fix_it(tmp_path, capsys):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_outputs_follow_a_link_and_keep_its_file_permissions(tmp_path, capsys):
+    (tmp_path / "real.json").write_text("old\n")
+    os.chmod(tmp_path / "real.json", 0o640)
+    (tmp_path / "link.json").symlink_to("real.json")
+    assert distributed.main([*ARGS, "--device", "cpu", "--out", str(tmp_path / "link.json")]) == 0, capsys.readouterr()
+    assert (tmp_path / "link.json").is_symlink() and json.loads((tmp_path / "real.json").read_text())
+    assert (tmp_path / "real.json").stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "real.json"]
+
+
 def test_cuda_without_cuda_exits_2(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
