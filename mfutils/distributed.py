@@ -947,6 +947,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(1)
+        if dist.is_available() and dist.is_initialized():  # one process: leave no group to a caller in-process
+            dist.destroy_process_group()
         return 1
     return 0
 
