@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -1418,18 +1419,12 @@ def _spark_command(parser: argparse.ArgumentParser, argv: list[str]) -> int:
 
 
 def _write_json(path: str, obj: dict[str, Any]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".bench-", suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # a results file for the book, readable like any other
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write ``obj`` as indented JSON whole or not at all (:func:`mfutils.cli.write_file`), folders made."""
+    from mfutils.cli import write_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    text = json.dumps(obj, indent=2) + "\n"
+    write_file(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), prefix=".bench-")
 
 
 def _print_summary(result: dict[str, Any]) -> None:

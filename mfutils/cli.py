@@ -285,14 +285,13 @@ def _rescaled(table: RatingsTable, scale: tuple[float, float]) -> RatingsTable:
 def _check_memory(train: RatingData, rank: int, device: torch.device) -> None:
     """Refuse a rank whose factor tables alone exceed the memory of the machine (or GPU) before allocating."""
     needed = (train.n_users + train.n_items) * (rank + 1) * 4  # float32 factors and a bias per row
+    from mfutils.bench import _memory_bytes
+
     if device.type == "cuda":
         available, where = torch.cuda.get_device_properties(device).total_memory, "this GPU"
     else:
-        try:
-            available, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
-        except (AttributeError, ValueError, OSError):  # the system does not say (e.g. Windows)
-            return
-    if needed > available:
+        available, where = _memory_bytes(), "this machine"
+    if available is not None and needed > available:  # None: the system does not say (e.g. Windows)
         raise UsageError(f"--rank {rank} needs {needed / 1e9:.3g} GB for the factor tables of {train.n_users:,} "
                          f"users and {train.n_items:,} items, more than the {available / 1e9:.3g} GB of {where}; "
                          f"lower --rank")
