@@ -10,6 +10,7 @@ take the same keyword names (``reg``, ``n_epochs``, ``device``, ``val``, ``callb
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -24,9 +25,73 @@ from mfutils.data import RatingData
 from mfutils.models import BiasedMF
 
 __all__ = ["History", "resolve_device", "make_generator", "seed_everything", "fit_sgd", "fit_als",
-           "als_half_step"]
+           "als_half_step", "phase_seconds"]
 
 _EVAL_CHUNK = 1 << 18
+
+_PHASES: dict[str, float] | None = None  # the dict of the open phase_seconds() block, if any
+
+
+@contextlib.contextmanager
+def phase_seconds() -> Iterator[dict[str, float]]:
+    """Where a CPU epoch's time goes: inside this block, the fused SGD path and ALS add the wall-clock seconds
+    of each phase of their epochs to the yielded dict (phase name -> seconds, summed over the block).
+
+    Phases of ``fit_sgd(fused=True)``: ``"permutation"`` (drawing it; the only phase the other SGD paths time),
+    ``"gather records"`` (shuffling the packed ratings and unpacking each batch), ``"gather rows"`` (the
+    chunk's factor and bias rows), ``"arithmetic"`` (errors, loss, updates) and ``"scatter-add"``
+    (adding the updates to the tables).
+    Phases of ``fit_als``: ``"targets"`` (each half-step's targets), ``"gather rows"`` (the padded blocks of
+    the other side's rows), ``"products"`` (Gram matrices and right-hand sides), ``"factorization"``
+    (ridge and Cholesky), ``"solves"`` (the two triangular solves, written back) and ``"loss"``.
+    What no phase covers (Python between them, validation) is the rest of ``History.seconds``.
+
+    On the CPU every operation has finished when it returns, so a clock read after it is exact; the trainers
+    refuse to run on a GPU inside the block, where the clock would time kernel launches, not their work.
+    Blocks do not nest.
+
+    Example:
+        >>> with phase_seconds() as phases:  # doctest: +SKIP
+        ...     history = fit_als(model, data, n_epochs=1, device="cpu")
+        >>> phases["factorization"] / sum(history.seconds)  # doctest: +SKIP
+    """
+    global _PHASES
+    if _PHASES is not None:
+        raise RuntimeError("phase_seconds(): a block is already open; blocks do not nest")
+    _PHASES = {}
+    try:
+        yield _PHASES
+    finally:
+        _PHASES = None
+
+
+class _Timed:
+    """Adds the wall-clock seconds of a ``with`` block to ``_PHASES[name]``."""
+    __slots__ = ("name", "start")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        if _PHASES is not None:
+            _PHASES[self.name] = _PHASES.get(self.name, 0.0) + time.perf_counter() - self.start
+
+
+_UNTIMED = contextlib.nullcontext()
+
+
+def _phase(name: str) -> contextlib.AbstractContextManager:
+    """``with _phase(name):`` times the block inside a :func:`phase_seconds` block; a no-op otherwise."""
+    return _UNTIMED if _PHASES is None else _Timed(name)
+
+
+def _check_phase_device(who: str, device: torch.device) -> None:
+    if _PHASES is not None and device.type != "cpu":
+        raise ValueError(f"{who}: phase_seconds() times CPU epochs only; on {device} the clock would read "
+                         f"when kernels were queued, not when they finished: train on device='cpu'")
 
 
 @dataclass(frozen=True)
@@ -274,7 +339,8 @@ def _fused_sgd_epoch(model: BiasedMF, records: torch.Tensor, perm: torch.Tensor,
     of a row that appears more than once (on the CPU, ``index_add_`` with ``alpha=c`` instead takes more
     than twice as long). Returns the epoch's ``[sum of objective, sum of squared error]``.
     """
-    shuffled = torch.index_select(records, 0, perm, out=shuffled)  # (n_ratings, 4): one random read per rating
+    with _phase("gather records"):
+        shuffled = torch.index_select(records, 0, perm, out=shuffled)  # (n_ratings, 4): one random read per rating
     tables = (model.user_factors.weight, model.item_factors.weight)
     biases = (model.user_bias.weight[:, 0], model.item_bias.weight[:, 0]) if model.user_bias is not None else None
     k, step = tables[0].shape[1], 2 * lr / batch_size
@@ -286,35 +352,40 @@ def _fused_sgd_epoch(model: BiasedMF, records: torch.Tensor, perm: torch.Tensor,
     bias_updates = [b.new_empty(width) for b in biases] if biases is not None else None  # (B,) each
     totals = torch.zeros(2, device=records.device)
     for start in range(0, n_ratings, batch_size):
-        batch = shuffled[start:start + batch_size]  # (B, 4)
-        rows = (batch[:, 0].long(), batch[:, 1].long())  # (B,) each: user and item numbers
-        target = batch[:, 2].view(torch.float32) - model.global_mean  # (B,): r - mu
+        with _phase("gather records"):
+            batch = shuffled[start:start + batch_size]  # (B, 4)
+            rows = (batch[:, 0].long(), batch[:, 1].long())  # (B,) each: user and item numbers
+            target = batch[:, 2].view(torch.float32) - model.global_mean  # (B,): r - mu
         for s in range(0, len(target), chunk):
             at = slice(s, s + chunk)
-            cu, ci = rows[0][at], rows[1][at]  # (C,) each
-            p, q = tables[0].index_select(0, cu), tables[1].index_select(0, ci)  # (C, k) each, copies
-            err = target[at] - torch.linalg.vecdot(p, q).float()  # (C,), float32
-            flat_p, flat_q = p.view(-1).float(), q.view(-1).float()  # float32 sums (no copy when float32)
-            penalty = torch.dot(flat_p, flat_p) + torch.dot(flat_q, flat_q)  # summed over the chunk
-            if biases is not None:
-                b_u, b_i = biases[0].index_select(0, cu), biases[1].index_select(0, ci)  # (C,) each
-                err -= b_u.float() + b_i.float()
-                penalty = penalty + torch.dot(b_u.float(), b_u.float()) + torch.dot(b_i.float(), b_i.float())
-            sse = torch.dot(err, err)
-            totals += torch.stack([sse + reg * penalty, sse])
-            e = (err * step).to(p.dtype)  # (C,): c e
-            n = len(e)
-            torch.mul(q, decay, out=updates[1][s:s + n]).addcmul_(p, e[:, None])  # c (e p_u - lambda q_i)
-            torch.mul(p, decay, out=updates[0][s:s + n]).addcmul_(q, e[:, None])  # c (e q_i - lambda p_u)
-            if biases is not None:
-                torch.mul(b_u, decay, out=bias_updates[0][s:s + n]).add_(e)  # c (e - lambda b_u)
-                torch.mul(b_i, decay, out=bias_updates[1][s:s + n]).add_(e)
+            with _phase("gather rows"):
+                cu, ci = rows[0][at], rows[1][at]  # (C,) each
+                p, q = tables[0].index_select(0, cu), tables[1].index_select(0, ci)  # (C, k) each, copies
+                if biases is not None:
+                    b_u, b_i = biases[0].index_select(0, cu), biases[1].index_select(0, ci)  # (C,) each
+            with _phase("arithmetic"):
+                err = target[at] - torch.linalg.vecdot(p, q).float()  # (C,), float32
+                flat_p, flat_q = p.view(-1).float(), q.view(-1).float()  # float32 sums (no copy when float32)
+                penalty = torch.dot(flat_p, flat_p) + torch.dot(flat_q, flat_q)  # summed over the chunk
+                if biases is not None:
+                    err -= b_u.float() + b_i.float()
+                    penalty = penalty + torch.dot(b_u.float(), b_u.float()) + torch.dot(b_i.float(), b_i.float())
+                sse = torch.dot(err, err)
+                totals += torch.stack([sse + reg * penalty, sse])
+                e = (err * step).to(p.dtype)  # (C,): c e
+                n = len(e)
+                torch.mul(q, decay, out=updates[1][s:s + n]).addcmul_(p, e[:, None])  # c (e p_u - lambda q_i)
+                torch.mul(p, decay, out=updates[0][s:s + n]).addcmul_(q, e[:, None])  # c (e q_i - lambda p_u)
+                if biases is not None:
+                    torch.mul(b_u, decay, out=bias_updates[0][s:s + n]).add_(e)  # c (e - lambda b_u)
+                    torch.mul(b_i, decay, out=bias_updates[1][s:s + n]).add_(e)
         m = len(target)
-        for table, row, update in zip(tables, rows, updates):
-            table.scatter_add_(0, row[:, None].expand(-1, k), update[:m])
-        if biases is not None:
-            for bias, row, update in zip(biases, rows, bias_updates):
-                bias.scatter_add_(0, row, update[:m])
+        with _phase("scatter-add"):
+            for table, row, update in zip(tables, rows, updates):
+                table.scatter_add_(0, row[:, None].expand(-1, k), update[:m])
+            if biases is not None:
+                for bias, row, update in zip(biases, rows, bias_updates):
+                    bias.scatter_add_(0, row, update[:m])
     return totals
 
 
@@ -369,6 +440,7 @@ def fit_sgd(model: BiasedMF, train: RatingData, *, val: RatingData | None = None
                          f"batch_size={batch_size!r}")
     _check_common(who, model, train, val, reg, n_epochs, early_stopping_patience)
     device = resolve_device(device)
+    _check_phase_device(who, device)
     model.to(device).train()
     (u, i, r), val_data = _on(train, device), _on(val, device)
     opt = None if fused else _make_optimizer(model, optimizer, lr)
@@ -379,7 +451,8 @@ def fit_sgd(model: BiasedMF, train: RatingData, *, val: RatingData | None = None
     history = History(method="sgd-fused" if fused else optimizer)
     for epoch in _epochs(n_epochs, progress, who):
         start = time.perf_counter()
-        torch.randperm(len(r), generator=generator, device=device, out=perm)  # (n_ratings,)
+        with _phase("permutation"):
+            torch.randperm(len(r), generator=generator, device=device, out=perm)  # (n_ratings,)
         if fused:
             totals = _fused_sgd_epoch(model, records, perm, lr=lr, reg=reg, batch_size=batch_size,
                                       shuffled=shuffled)
@@ -424,10 +497,12 @@ def als_half_step(crow: torch.Tensor, cols: torch.Tensor, target: torch.Tensor, 
     """
     solved = other.new_zeros(ridge.shape)  # (n_rows, k): a row without entries solves to zero
     for rows, gram, rhs in _row_gram_chunks(crow, cols, target, other, ones=ones):  # (m,), (m, k, k), (m, k)
-        gram.diagonal(dim1=1, dim2=2).add_(ridge[rows])
-        chol = _cholesky(gram)  # (m, k, k): L with L L^T = gram
-        half = torch.linalg.solve_triangular(chol, rhs.unsqueeze(2), upper=False)  # (m, k, 1): L^-1 rhs
-        solved[rows] = torch.linalg.solve_triangular(chol.mT, half, upper=True).squeeze(2)  # L^-T L^-1 rhs
+        with _phase("factorization"):
+            gram.diagonal(dim1=1, dim2=2).add_(ridge[rows])
+            chol = _cholesky(gram)  # (m, k, k): L with L L^T = gram
+        with _phase("solves"):
+            half = torch.linalg.solve_triangular(chol, rhs.unsqueeze(2), upper=False)  # (m, k, 1): L^-1 rhs
+            solved[rows] = torch.linalg.solve_triangular(chol.mT, half, upper=True).squeeze(2)  # L^-T L^-1 rhs
     return solved
 
 
@@ -475,22 +550,24 @@ def _row_gram_chunks(crow: torch.Tensor, cols: torch.Tensor, target: torch.Tenso
     while start < n_filled:
         width = widths[start]
         stop = min(n_filled, start + max(1, min(floats // (width * k), floats // (size * size))))
-        rows = order[start:stop]  # (m,)
-        slots = torch.arange(width, device=crow.device)  # (w,)
-        valid = slots < counts[rows, None]  # (m, w)
-        pos = torch.where(valid, crow[rows, None] + slots, 0)  # (m, w): entry numbers, 0 where padded
-        picked = torch.where(valid, cols[pos], n_other)  # (m, w): rows of other, the zero row where padded
-        block = other.index_select(0, picked.reshape(-1)).reshape(len(rows), width, k)  # (m, w, k)
-        weights = torch.where(valid, target[pos], 0.0)  # (m, w)
-        rhs = torch.bmm(weights.unsqueeze(1), block).squeeze(1)  # (m, k): t_u^T B_u
-        gram = torch.bmm(block.transpose(1, 2), block)  # (m, k, k)
-        if ones:  # border the Gram matrix and rhs with the ones column's entries
-            full = gram.new_empty(len(rows), size, size)  # (m, k + 1, k + 1)
-            full[:, :k, :k] = gram
-            sums = block.sum(1)  # (m, k): 1^T B_u
-            full[:, :k, k], full[:, k, :k] = sums, sums
-            full[:, k, k] = counts[rows].to(gram.dtype)  # 1^T 1
-            gram, rhs = full, torch.cat([rhs, weights.sum(1, keepdim=True)], 1)  # rhs: (m, k + 1)
+        with _phase("gather rows"):
+            rows = order[start:stop]  # (m,)
+            slots = torch.arange(width, device=crow.device)  # (w,)
+            valid = slots < counts[rows, None]  # (m, w)
+            pos = torch.where(valid, crow[rows, None] + slots, 0)  # (m, w): entry numbers, 0 where padded
+            picked = torch.where(valid, cols[pos], n_other)  # (m, w): rows of other, the zero row where padded
+            block = other.index_select(0, picked.reshape(-1)).reshape(len(rows), width, k)  # (m, w, k)
+            weights = torch.where(valid, target[pos], 0.0)  # (m, w)
+        with _phase("products"):
+            rhs = torch.bmm(weights.unsqueeze(1), block).squeeze(1)  # (m, k): t_u^T B_u
+            gram = torch.bmm(block.transpose(1, 2), block)  # (m, k, k)
+            if ones:  # border the Gram matrix and rhs with the ones column's entries
+                full = gram.new_empty(len(rows), size, size)  # (m, k + 1, k + 1)
+                full[:, :k, :k] = gram
+                sums = block.sum(1)  # (m, k): 1^T B_u
+                full[:, :k, k], full[:, k, :k] = sums, sums
+                full[:, k, k] = counts[rows].to(gram.dtype)  # 1^T 1
+                gram, rhs = full, torch.cat([rhs, weights.sum(1, keepdim=True)], 1)  # rhs: (m, k + 1)
         yield rows, gram, rhs
         start = stop
 
@@ -511,15 +588,17 @@ def _als_side(model: BiasedMF, side: str, layout: tuple[torch.Tensor, ...], rati
         (model.user_factors, model.user_bias, model.item_factors, model.item_bias) if side == "user"
         else (model.item_factors, model.item_bias, model.user_factors, model.user_bias))
     order, crow, cols = layout
-    target, other = rating[order] - model.global_mean, other_f.weight  # (nnz,), (n_other, k)
-    biased = own_b is not None
-    if biased:  # solve [p_u, b_u] against [q_i, 1] on r - mu - b_i
-        target = target - other_b.weight[:, 0].index_select(0, cols)
+    with _phase("targets"):
+        target, other = rating[order] - model.global_mean, other_f.weight  # (nnz,), (n_other, k)
+        biased = own_b is not None
+        if biased:  # solve [p_u, b_u] against [q_i, 1] on r - mu - b_i
+            target = target - other_b.weight[:, 0].index_select(0, cols)
     solved = als_half_step(crow, cols, target, other, ridge[:, None].expand(-1, other.shape[1] + biased),
                            ones=biased)
-    own_f.weight.copy_(solved[:, :model.n_factors])
-    if biased:
-        own_b.weight.copy_(solved[:, model.n_factors:])
+    with _phase("solves"):
+        own_f.weight.copy_(solved[:, :model.n_factors])
+        if biased:
+            own_b.weight.copy_(solved[:, model.n_factors:])
 
 
 def fit_als(model: BiasedMF, train: RatingData, *, val: RatingData | None = None, reg: float = 0.15,
@@ -552,6 +631,7 @@ def fit_als(model: BiasedMF, train: RatingData, *, val: RatingData | None = None
     if not reg > 0:
         raise ValueError(f"{who}: reg must be > 0 (each row's system is singular without it); got {reg!r}")
     device = resolve_device(device)
+    _check_phase_device(who, device)
     model.to(device).train()
     (u, i, r), val_data = _on(train, device), _on(val, device)
     layouts = {"user": _by_row(u, i, model.n_users), "item": _by_row(i, u, model.n_items)}
@@ -563,8 +643,9 @@ def fit_als(model: BiasedMF, train: RatingData, *, val: RatingData | None = None
         start = time.perf_counter()
         for side in ("user", "item"):
             _als_side(model, side, layouts[side], r, ridges[side])
-        sse, penalty = _sse(model, u, i, r), _weighted_penalty(model, counts["user"], counts["item"])
-        train_loss, mse = (torch.stack([sse + reg * penalty, sse]) / len(r)).tolist()  # the epoch's one sync
+        with _phase("loss"):
+            sse, penalty = _sse(model, u, i, r), _weighted_penalty(model, counts["user"], counts["item"])
+            train_loss, mse = (torch.stack([sse + reg * penalty, sse]) / len(r)).tolist()  # the epoch's one sync
         history, stop = _end_epoch(history, epoch, model=model, val_data=val_data, train_loss=train_loss,
                                    mse=mse, start=start, callback=callback, stopper=stopper)
         if stop:

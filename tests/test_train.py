@@ -584,3 +584,42 @@ def test_trainers_beat_surprise_svd_on_ml100k_u1():
     assert rmse(model.predict(test.user_idx, test.item_idx, clip=(1, 5)), test.rating) < 0.935
     bayes, _ = fit_bpmf(train, n_factors=8, n_samples=32, n_burnin=8, device="cpu")
     assert rmse(bayes.predict(test.user_idx, test.item_idx, clip=(1, 5)), test.rating) < 0.915
+
+
+# ---------------------------------------------------------------- phase_seconds: where an epoch's time goes
+
+FUSED_PHASES = {"permutation", "gather records", "gather rows", "arithmetic", "scatter-add"}
+ALS_PHASES = {"targets", "gather rows", "products", "factorization", "solves", "loss"}
+
+
+@pytest.mark.parametrize("method, phases", [("fused", FUSED_PHASES), ("als", ALS_PHASES)])
+def test_phase_seconds_times_each_phase_within_the_epochs_and_changes_no_result(data, method, phases):
+    train, _ = data
+
+    def fit(model):
+        if method == "als":
+            return fit_als(model, train, reg=0.1, n_epochs=2, device="cpu")
+        return fit_sgd(model, train, fused=True, n_epochs=2, batch_size=64, device="cpu")
+
+    plain, timed = _model(train, seed=1), _model(train, seed=1)
+    expected = fit(plain)
+    with trainers.phase_seconds() as seconds:
+        history = fit(timed)
+    assert set(seconds) == phases and all(s > 0 for s in seconds.values())
+    assert sum(seconds.values()) <= sum(history.seconds)  # the phases lie inside the epochs' wall time
+    assert history.train_loss == expected.train_loss  # timing takes nothing from the arithmetic
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), timed.parameters()))
+    assert trainers._PHASES is None  # closed: later epochs are not timed
+    fit(_model(train, seed=1))
+    assert set(seconds) == phases and sum(seconds.values()) <= sum(history.seconds)
+
+
+def test_phase_seconds_blocks_do_not_nest_and_refuse_a_gpu():
+    with trainers.phase_seconds():
+        with pytest.raises(RuntimeError, match="a block is already open; blocks do not nest"):
+            with trainers.phase_seconds():
+                pass
+        with pytest.raises(ValueError, match="phase_seconds\\(\\) times CPU epochs only; on cuda:0 the clock"):
+            trainers._check_phase_device("fit_sgd()", torch.device("cuda", 0))
+        trainers._check_phase_device("fit_sgd()", torch.device("cpu"))  # no error
+    trainers._check_phase_device("fit_sgd()", torch.device("cuda", 0))  # outside a block: nothing is timed
