@@ -19,6 +19,10 @@ one per data set), and sets each time against the bound that :func:`bytes_per_ep
 measured in the same run give. ``--out`` is rewritten after every configuration (``"complete": false`` until
 the end), and ``--resume`` continues such an unfinished file on the same machine.
 
+``python -m mfutils.bench phases [--out book/results/phases_cpu.json] [--size ml-20m] [--rank 64]`` times the
+phases of the fused SGD epoch and of the ALS sweep on the CPU (:func:`run_phases`, through
+:func:`mfutils.train.phase_seconds`): where the time that the ``devices`` sweep measures goes.
+
 ``python -m mfutils.bench spark [--out book/results/spark_als.json] [--size N_USERS N_ITEMS N_RATINGS] ...`` fits
 Spark MLlib's ALS in local mode (:func:`run_spark`, in a child interpreter: ``_spark-worker``), ``fit_als`` in this
 process and ``mfutils.distributed`` on the same synthetic ratings and split, to the same objective, and scores
@@ -980,6 +984,85 @@ def _print_device_row(row: dict[str, Any]) -> None:
           file=sys.stderr, flush=True)
 
 
+# ---------------------------------------------------------------- phases: where a CPU epoch's time goes
+
+PHASE_PATHS = ("fused", "als")
+
+
+def run_phases(*, size: str = "ml-20m", rank: int = 64, paths: tuple[str, ...] = PHASE_PATHS,
+               batch_size: int = DEVICE_BATCH, warmup: int = 1, repeats: int = 3, threads: int | None = None,
+               shapes: dict[str, tuple[int, int, int]] | None = None) -> dict[str, Any]:
+    """The wall-clock seconds of each phase of a fused SGD epoch and an ALS sweep on the CPU.
+
+    Trains each path of ``paths`` (``"fused"``, ``"als"``) for ``warmup + repeats`` epochs in one call, as the
+    ``devices`` sweep does, on synthetic ratings (seed 0) of ``size`` (a key of ``shapes``, default
+    :data:`~mfutils.synthetic.SIZES`) at ``rank``, with ``threads`` torch threads (default: all cores),
+    inside :func:`mfutils.train.phase_seconds`; per timed epoch it keeps the epoch's ``History.seconds`` and
+    the seconds of each phase (the difference of the running sums before and after it), and ``"rest"``,
+    what no phase covers. The copy bandwidth and matrix-product rate are measured in the same run, before
+    the first path, so the phases' rates can be set against them.
+
+    Returns:
+        ``{"machine", "size", "n_users", "n_items", "n_ratings", "rank", ..., "copy", "matmul",
+        "paths": [{"path", "epochs": [{"seconds", "phases"}, ...], "mean_seconds", "mean_phases"}, ...]}``.
+    """
+    from mfutils.data import RatingData
+    from mfutils.models import BiasedMF
+    from mfutils.synthetic import SIZES, synthetic
+    from mfutils.train import fit_als, fit_sgd, phase_seconds
+
+    shapes = SIZES if shapes is None else shapes
+    if size not in shapes:
+        raise ValueError(f"--size {size}: not a known size; use one of {', '.join(shapes)}")
+    unknown = [p for p in paths if p not in PHASE_PATHS]
+    if unknown:
+        raise ValueError(f"run_phases(): paths must be among {list(PHASE_PATHS)}; got {unknown}")
+    threads = threads or _all_cores()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        data: RatingData = synthetic(*shapes[size], seed=0)[0]
+        result: dict[str, Any] = {
+            "machine": machine_info(), "device": "cpu", "torch_threads": threads, "size": size,
+            "n_users": data.n_users, "n_items": data.n_items, "n_ratings": data.n_ratings, "rank": rank,
+            "batch_size": batch_size, "warmup_epochs": warmup, "timed_epochs": repeats,
+            "protocol": "synthetic ratings (mfutils.synthetic, seed 0); per path one call of the trainer, as in "
+            "the devices sweep, inside mfutils.train.phase_seconds(); the warm-up epochs are dropped; a phase's "
+            "seconds are wall-clock seconds summed over its blocks within the epoch; rest = the epoch's "
+            "History.seconds minus its phases",
+            "copy": copy_bandwidth(), "matmul": matmul_rate(), "paths": []}
+        for path in paths:
+            model = BiasedMF(data.n_users, data.n_items, rank, global_mean=float(data.rating.mean()),
+                             sparse=path != "als", seed=0)
+            sums: list[dict[str, float]] = []
+            with phase_seconds() as phases:
+                record = lambda epoch, history: sums.append(dict(phases))  # noqa: E731 - running sums per epoch
+                if path == "als":
+                    history = fit_als(model, data, reg=0.05, n_epochs=warmup + repeats, device="cpu",
+                                      callback=record)
+                else:
+                    history = fit_sgd(model, data, optimizer="sgd", fused=True, n_epochs=warmup + repeats,
+                                      batch_size=batch_size, device="cpu", callback=record)
+            epochs = []
+            for n in range(warmup, warmup + repeats):
+                last = sums[n - 1] if n > 0 else {}
+                spent = {name: total - last.get(name, 0.0) for name, total in sums[n].items()}
+                spent["rest"] = history.seconds[n] - sum(spent.values())
+                epochs.append({"seconds": history.seconds[n], "phases": spent})
+            names = list(epochs[0]["phases"])
+            result["paths"].append({
+                "path": path, "description": DEVICE_PATHS[path], "epochs": epochs,
+                "mean_seconds": statistics.fmean(e["seconds"] for e in epochs),
+                "mean_phases": {name: statistics.fmean(e["phases"].get(name, 0.0) for e in epochs)
+                                for name in names},
+                "train_rmse": history.train_rmse[-1]})
+            print(f"{size} k={rank} {path}: {result['paths'][-1]['mean_seconds']:.2f} s per epoch", file=sys.stderr,
+                  flush=True)
+        return result
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------- spark: MLlib's ALS beside mfutils's, same data
 
 SPARK_INSTALL = "make bench-spark (pip install -r requirements-bench-spark.txt; Spark 4 needs Java 17 or 21)"
@@ -1418,6 +1501,20 @@ def _spark_command(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     return 1 if failed else 0
 
 
+def _check_out(path: str) -> None:
+    """A ValueError now, before a long run, if ``path`` cannot become the results file."""
+    if not path or os.path.isdir(path) or path.endswith(("/", os.sep)):
+        raise ValueError(f"--out {path!r} does not name a file; name one, e.g. --out book/results/phases_cpu.json")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:  # make the folders and a file in them now, as the write at the end will
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--out {path}: cannot write in {folder} ({exc.strerror}); name a file in a folder "
+                         f"you can write to") from None
+
+
 def _write_json(path: str, obj: dict[str, Any]) -> None:
     """Write ``obj`` as indented JSON whole or not at all (:func:`mfutils.cli.write_file`), folders made."""
     from mfutils.cli import write_file
@@ -1464,6 +1561,14 @@ def main(argv: list[str] | None = None) -> int:
                          "machine: keep its finished configurations and run the rest")
     devices.add_argument("--repeats", type=positive_int, default=3,
                          help="timed epochs after the warm-up (median; default 3)")
+    phases = commands.add_parser("phases", help="where the time of a fused SGD epoch and an ALS sweep goes, "
+                                                "on the CPU")
+    phases.add_argument("--out", help="write the JSON here (e.g. book/results/phases_cpu.json); default: stdout")
+    phases.add_argument("--size", default="ml-20m", help="a synthetic size of mfutils.synthetic.SIZES, e.g. "
+                        "ml-1m (default ml-20m)")
+    phases.add_argument("--rank", type=positive_int, default=64, help="latent factors (default 64)")
+    phases.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
+    phases.add_argument("--repeats", type=positive_int, default=3, help="timed epochs after the warm-up (default 3)")
     many = commands.add_parser("_many", help="(internal) configurations of `devices` on one file, in a child")
     many.add_argument("file")
     many.add_argument("--device", required=True)
@@ -1507,6 +1612,14 @@ def main(argv: list[str] | None = None) -> int:
             result = run_devices(args.device, threads=args.threads, repeats=max(1, args.repeats), **extra)
         except ValueError as exc:  # a --resume file from other settings or another machine
             print(f"python -m mfutils.bench devices: error: {exc}", file=sys.stderr)
+            return 2
+    elif args.command == "phases":
+        try:
+            if args.out is not None:
+                _check_out(args.out)
+            result = run_phases(size=args.size, rank=args.rank, threads=args.threads, repeats=args.repeats)
+        except ValueError as exc:
+            print(f"python -m mfutils.bench phases: error: {exc}", file=sys.stderr)
             return 2
     else:
         result = run_folds(repeats=max(1, args.repeats), threads=max(1, args.threads),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -414,3 +415,38 @@ def test_devices_command_refuses_an_unreadable_resume_file(tmp_path, capsys, mon
         assert bench.main(["devices", "--resume", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"python -m mfutils.bench devices: error: --resume ")
+
+
+def test_run_phases_splits_each_timed_epoch_into_its_phases_and_the_rest(monkeypatch):
+    threads: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)  # record the thread counts, change nothing
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 5)
+    result = bench.run_phases(size="tiny", shapes={"tiny": (40, 30, 300)}, rank=3, batch_size=32, warmup=1,
+                              repeats=2, threads=1)
+    assert threads == [1, 5]  # the run's thread count, then the caller's again
+    assert (result["n_users"], result["n_items"], result["n_ratings"], result["torch_threads"]) == (40, 30, 300, 1)
+    assert [p["path"] for p in result["paths"]] == ["fused", "als"]
+    assert {"gb_per_s", "seconds"} <= set(result["copy"]) and result["matmul"]["gflop_per_s"] > 0
+    expected = {"fused": {"permutation", "gather records", "gather rows", "arithmetic", "scatter-add", "rest"},
+                "als": {"targets", "gather rows", "products", "factorization", "solves", "loss", "rest"}}
+    for path in result["paths"]:
+        assert len(path["epochs"]) == 2 and set(path["mean_phases"]) == expected[path["path"]]
+        for epoch in path["epochs"]:  # each epoch's phases (the warm-up's excluded) add up to its seconds
+            assert set(epoch["phases"]) == expected[path["path"]]
+            assert math.isclose(sum(epoch["phases"].values()), epoch["seconds"], rel_tol=1e-9)
+            assert epoch["phases"]["rest"] > -1e-9 and all(v > 0 for k, v in epoch["phases"].items() if k != "rest")
+        assert math.isclose(path["mean_seconds"], statistics.fmean(e["seconds"] for e in path["epochs"]))
+
+
+def test_phases_command_rejects_bad_arguments_before_running(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("mfutils.synthetic.synthetic", lambda *a, **k: pytest.fail("nothing must run"))
+    (tmp_path / "file").write_text("x")
+    for argv, message in ((["--size", "ml-2m"], "--size ml-2m: not a known size; use one of ml-100k, ml-1m"),
+                          (["--out", str(tmp_path)], "does not name a file; name one, e.g. --out book/results/"),
+                          (["--out", str(tmp_path / "file" / "x.json")], "cannot write in")):
+        assert bench.main(["phases", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["phases", "--rank", "0"])
+    assert exit_info.value.code == 2 and "argument --rank: must be >= 1, got '0'" in capsys.readouterr().err
