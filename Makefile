@@ -19,7 +19,7 @@ endif
 REPRO_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TQDM_DISABLE=1 PYDEVD_DISABLE_FILE_VALIDATION=1
 
 
-.PHONY: help setup book test execute bench bench-devices bench-spark clean
+.PHONY: help setup book test execute bench bench-devices bench-phases bench-spark clean
 
 help:
 	@echo "make book     set up .venv and build the HTML book into _build/html (offline, seconds after setup)"
@@ -27,6 +27,7 @@ help:
 	@echo "make execute  (authors) re-execute every notebook [NB=...], rewrite its outputs, record its run time"
 	@echo "make bench    (on demand) benchmark the CLI default against Surprise, LensKit and the article on the ml-100k folds"
 	@echo "make bench-devices [DEVICE=cuda]  (on demand) time an epoch per method, size and rank on one device"
+	@echo "make bench-phases  (on demand) where an ML-20M fused SGD epoch and ALS sweep spend their time, CPU"
 	@echo "make bench-spark  (on demand; needs Java 17) Spark MLlib's ALS beside mfutils's on the same data"
 	@echo "make clean    remove _build"
 
@@ -73,6 +74,10 @@ DEVICE ?= cpu
 
 bench-devices: $(STAMP)
 	$(BIN)/python -m mfutils.bench devices --device $(DEVICE) --out book/results/devices_$(DEVICE).json
+
+# Where chapter 6's ML-20M epochs spend their time on the CPU: writes book/results/phases_cpu.json.
+bench-phases: $(STAMP)
+	$(BIN)/python -m mfutils.bench phases --out book/results/phases_cpu.json
 
 # The chapter beyond one machine: Spark MLlib's ALS in local mode, fit_als and mfutils.distributed on the same
 # synthetic ML-1M-size ratings; writes book/results/spark_als.json. pyspark is installed here only (not by setup).
