@@ -1505,14 +1505,16 @@ def _check_out(path: str) -> None:
     """A ValueError now, before a long run, if ``path`` cannot become the results file."""
     if not path or os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise ValueError(f"--out {path!r} does not name a file; name one, e.g. --out book/results/phases_cpu.json")
+    from mfutils.cli import cannot_create_in
+
     folder = os.path.dirname(os.path.abspath(path))
-    try:  # make the folders and a file in them now, as the write at the end will
+    try:  # make the folders now, as the write at the end would
         os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        why = cannot_create_in(folder)
     except OSError as exc:
-        raise ValueError(f"--out {path}: cannot write in {folder} ({exc.strerror}); name a file in a folder "
-                         f"you can write to") from None
+        why = exc.strerror or str(exc)
+    if why is not None:
+        raise ValueError(f"--out {path}: cannot write in {folder} ({why}); name a file in a folder you can write to")
 
 
 def _write_json(path: str, obj: dict[str, Any]) -> None:

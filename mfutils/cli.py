@@ -297,6 +297,17 @@ def _check_memory(train: RatingData, rank: int, device: torch.device) -> None:
                          f"lower --rank")
 
 
+def cannot_create_in(folder: str) -> str | None:
+    """Why no file can be created in ``folder`` (its error message), or None when one can: tried with a
+    temporary file, removed at once, so that an output path is checked before a long run, not after it."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def write_file(path: str, write: Callable[[str], None], *, prefix: str = ".mfutils-") -> None:
     """``write(p)`` the file at ``path`` whole or not at all: into a temporary file beside it, then a rename.
 
@@ -449,6 +460,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         if os.path.isdir(args.predictions) or not os.path.isdir(folder):  # found now, not after training
             why = "Is a directory" if os.path.isdir(args.predictions) else f"no folder {folder}"
             raise UsageError(f"cannot write predictions to {args.predictions}: {why}")
+        if os.path.isfile(args.predictions) or not os.path.exists(args.predictions):  # pipes are written in place
+            why = cannot_create_in(folder)
+            if why is not None:
+                raise UsageError(f"cannot write predictions to {args.predictions}: {why} (in {folder})")
     return args
 
 

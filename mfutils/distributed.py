@@ -729,6 +729,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              f"{option} {os.path.join(path, example)}")
         if not os.path.isdir(folder):
             raise UsageError(f"{option} {path}: the folder {folder} does not exist; create it first")
+        from mfutils.cli import cannot_create_in
+
+        why = cannot_create_in(folder) if os.path.isfile(path) or not os.path.exists(path) else None
+        if why is not None:
+            raise UsageError(f"{option} {path}: cannot write in {folder}: {why}; name a file in a folder you can "
+                             f"write to")
         if args.ratings and os.path.exists(path) and os.path.exists(args.ratings) \
                 and os.path.samefile(path, args.ratings):
             raise UsageError(f"{option} {path} is the --ratings file; it would be overwritten. Name another file")

@@ -249,6 +249,36 @@ def test_output_problems_are_found_before_training(tmp_path, capsys, monkeypatch
         assert code == 2 and err.startswith(f"error: cannot write predictions to {target}: {why}"), err
 
 
+def _read_only(monkeypatch, folder) -> None:
+    """Make creating a file in ``folder`` fail as in a read-only folder (tests may run as root, which can
+    write in any folder its permission bits protect)."""
+    real = cli.tempfile.TemporaryFile
+
+    def refuse(*args, dir=None, **kwargs):
+        if dir is not None and os.path.realpath(dir) == os.path.realpath(folder):
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(cli.tempfile, "TemporaryFile", refuse)
+
+
+def test_cannot_create_in_says_why_or_none(tmp_path, monkeypatch):
+    assert cli.cannot_create_in(str(tmp_path)) is None and list(tmp_path.iterdir()) == []  # nothing left
+    assert cli.cannot_create_in(str(tmp_path / "missing")) == "No such file or directory"
+    _read_only(monkeypatch, tmp_path)
+    assert cli.cannot_create_in(str(tmp_path)) == "Permission denied"
+
+
+def test_a_predictions_folder_without_write_permission_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "r.tsv", _rows(), "tab")
+    (tmp_path / "locked").mkdir()
+    _read_only(monkeypatch, tmp_path / "locked")
+    monkeypatch.setattr(cli, "_fit", lambda *a, **k: pytest.fail("trained before checking --predictions"))
+    code, _, err = _run(capsys, "train", "r.tsv", "--predictions", "locked/p.csv")
+    assert code == 2 and err.startswith("error: cannot write predictions to locked/p.csv: Permission denied (in "), err
+
+
 @pytest.mark.parametrize("method", ["als", "sgd", "adam"])
 def test_any_rating_scale_trains_like_stars(tmp_path, capsys, method):
     """Ratings a * stars + b train on the same 1..5 values, so the test RMSE scales by a (seen: ALS's

@@ -296,6 +296,27 @@ def test_output_paths_are_checked_before_training(tmp_path, capsys, case):
     assert ratings.read_text().startswith("1\t1\t4\n")
 
 
+def test_an_output_folder_without_write_permission_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    from mfutils import cli
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = cli.tempfile.TemporaryFile
+
+    def refuse(*args, dir=None, **kwargs):  # as a read-only folder would (tests may run as root)
+        if dir == str(locked):
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(cli.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(distributed, "fit_als_distributed", lambda *a, **k: pytest.fail("trained before the check"))
+    for option, other in (("--out", "--save-factors"), ("--save-factors", "--out")):
+        code = distributed.main(["--synthetic", "50", "40", "600", "--test-frac", "0", "--rank", "2", "--epochs", "1",
+                                 "--device", "cpu", option, str(locked / "x"), other, str(tmp_path / "y")])
+        _one_error_line(capsys, code, f"{option} {locked / 'x'}: cannot write in {locked}: Permission denied")
+    assert list(locked.iterdir()) == [] and list(tmp_path.iterdir()) == [locked]
+
+
 @pytest.mark.parametrize("rank, world, local", [(2, 2, 0), (-1, 2, 0), (0, 2, -1), (0, 0, 0), (0, 1, 1)],
                          ids=["rank=world", "negative rank", "negative local rank", "world 0", "local rank=world"])
 def test_an_inconsistent_torchrun_environment_exits_2(tmp_path, capsys, monkeypatch, rank, world, local):
