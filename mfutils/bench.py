@@ -1501,12 +1501,14 @@ def _spark_command(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     return 1 if failed else 0
 
 
-def _check_out(path: str) -> None:
-    """A ValueError now, before a long run, if ``path`` cannot become the results file."""
+def _check_out(path: str, example: str) -> None:
+    """A ValueError now, before a long run, if ``path`` cannot become the results file (``example``: a good one)."""
     if not path or os.path.isdir(path) or path.endswith(("/", os.sep)):
-        raise ValueError(f"--out {path!r} does not name a file; name one, e.g. --out book/results/phases_cpu.json")
+        raise ValueError(f"--out {path!r} does not name a file; name one, e.g. --out {example}")
     from mfutils.cli import cannot_create_in
 
+    if os.path.exists(path) and not os.path.isfile(path):  # a pipe or a device (/dev/stdout): written in place
+        return
     folder = os.path.dirname(os.path.abspath(path))
     try:  # make the folders now, as the write at the end would
         os.makedirs(folder, exist_ok=True)
@@ -1593,6 +1595,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         _many(args.file, args.configs, args.device)
         return 0
+    if args.out is not None:  # folds, devices, phases: checked now, not after the run
+        try:
+            _check_out(args.out, f"book/results/{args.command}.json" if args.command == "folds" else
+                       f"book/results/{args.command}_{getattr(args, 'device', 'cpu')}.json")
+        except ValueError as exc:
+            print(f"python -m mfutils.bench {args.command}: error: {exc}", file=sys.stderr)
+            return 2
     if args.command == "devices":
         try:
             _require_device(args.device)
@@ -1617,8 +1626,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     elif args.command == "phases":
         try:
-            if args.out is not None:
-                _check_out(args.out)
             result = run_phases(size=args.size, rank=args.rank, threads=args.threads, repeats=args.repeats)
         except ValueError as exc:
             print(f"python -m mfutils.bench phases: error: {exc}", file=sys.stderr)

@@ -438,6 +438,21 @@ def test_run_phases_splits_each_timed_epoch_into_its_phases_and_the_rest(monkeyp
         assert math.isclose(path["mean_seconds"], statistics.fmean(e["seconds"] for e in path["epochs"]))
 
 
+@pytest.mark.parametrize("command", ["folds", "devices", "phases"])
+def test_an_out_path_that_cannot_take_the_results_stops_the_command_before_it_runs(command, tmp_path, capsys,
+                                                                                     monkeypatch):
+    for runner in ("run_folds", "run_devices", "run_phases"):
+        monkeypatch.setattr(bench, runner, lambda *a, **k: pytest.fail("the run must not start"))
+    (tmp_path / "file").write_text("x")
+    for out, message in ((tmp_path, "does not name a file; name one, e.g. --out book/results/"),
+                         (tmp_path / "file" / "x.json", f"cannot write in {tmp_path / 'file'} (")):
+        assert bench.main([command, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"python -m mfutils.bench {command}: error: --out ") and message in err
+        assert err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_phases_command_rejects_bad_arguments_before_running(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("mfutils.synthetic.synthetic", lambda *a, **k: pytest.fail("nothing must run"))
     (tmp_path / "file").write_text("x")
