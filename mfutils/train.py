@@ -48,7 +48,8 @@ def phase_seconds() -> Iterator[dict[str, float]]:
 
     On the CPU every operation has finished when it returns, so a clock read after it is exact; the trainers
     refuse to run on a GPU inside the block, where the clock would time kernel launches, not their work.
-    Blocks do not nest.
+    Blocks do not nest, and a block is process-wide: a trainer running in another thread meanwhile adds to
+    the same dict.
 
     Example:
         >>> with phase_seconds() as phases:  # doctest: +SKIP
