@@ -989,8 +989,38 @@ def _print_device_row(row: dict[str, Any]) -> None:
 PHASE_PATHS = ("fused", "als")
 
 
+def _phase_epochs(data, path: str, rank: int, batch_size: int, warmup: int, repeats: int) -> dict[str, Any]:
+    """Train ``path`` for ``warmup + repeats`` epochs in one call inside ``phase_seconds()``; the timed epochs'
+    seconds and phases (the differences of the running sums), their means and the last training RMSE."""
+    from mfutils.models import BiasedMF
+    from mfutils.train import fit_als, fit_sgd, phase_seconds
+
+    model = BiasedMF(data.n_users, data.n_items, rank, global_mean=float(data.rating.mean()),
+                     sparse=path != "als", seed=0)
+    sums: list[dict[str, float]] = []
+    with phase_seconds() as phases:
+        record = lambda epoch, history: sums.append(dict(phases))  # noqa: E731 - running sums after each epoch
+        if path == "als":
+            history = fit_als(model, data, reg=0.05, n_epochs=warmup + repeats, device="cpu", callback=record)
+        else:
+            history = fit_sgd(model, data, optimizer="sgd", fused=True, n_epochs=warmup + repeats,
+                              batch_size=batch_size, device="cpu", callback=record)
+    epochs = []
+    for n in range(warmup, warmup + repeats):
+        last = sums[n - 1] if n > 0 else {}
+        spent = {name: total - last.get(name, 0.0) for name, total in sums[n].items()}
+        spent["rest"] = history.seconds[n] - sum(spent.values())
+        epochs.append({"seconds": history.seconds[n], "phases": spent})
+    return {"path": path, "description": DEVICE_PATHS[path], "batch_size": batch_size, "epochs": epochs,
+            "mean_seconds": statistics.fmean(e["seconds"] for e in epochs),
+            "mean_phases": {name: statistics.fmean(e["phases"].get(name, 0.0) for e in epochs)
+                            for name in epochs[0]["phases"]},
+            "train_rmse": history.train_rmse[-1]}
+
+
 def run_phases(*, size: str = "ml-20m", rank: int = 64, paths: tuple[str, ...] = PHASE_PATHS,
                batch_size: int = DEVICE_BATCH, warmup: int = 1, repeats: int = 3, threads: int | None = None,
+               batch_series: tuple | None = BATCH_SERIES,
                shapes: dict[str, tuple[int, int, int]] | None = None) -> dict[str, Any]:
     """The wall-clock seconds of each phase of a fused SGD epoch and an ALS sweep on the CPU.
 
@@ -999,21 +1029,22 @@ def run_phases(*, size: str = "ml-20m", rank: int = 64, paths: tuple[str, ...] =
     :data:`~mfutils.synthetic.SIZES`) at ``rank``, with ``threads`` torch threads (default: all cores),
     inside :func:`mfutils.train.phase_seconds`; per timed epoch it keeps the epoch's ``History.seconds`` and
     the seconds of each phase (the difference of the running sums before and after it), and ``"rest"``,
-    what no phase covers. The copy bandwidth and matrix-product rate are measured in the same run, before
-    the first path, so the phases' rates can be set against them.
+    what no phase covers. ``batch_series`` (size, rank, batch sizes; default the ``devices`` sweep's
+    :data:`BATCH_SERIES`) times the fused path's phases at each batch size. The copy bandwidth and
+    matrix-product rate are measured in the same run, before the first path, so the phases' rates can be
+    set against them.
 
     Returns:
         ``{"machine", "size", "n_users", "n_items", "n_ratings", "rank", ..., "copy", "matmul",
-        "paths": [{"path", "epochs": [{"seconds", "phases"}, ...], "mean_seconds", "mean_phases"}, ...]}``.
+        "paths": [{"path", "epochs": [{"seconds", "phases"}, ...], "mean_seconds", "mean_phases"}, ...],
+        "batch_series": {"size", "rank", "n_ratings", "runs": [same as "paths", one per batch size]}}``.
     """
-    from mfutils.data import RatingData
-    from mfutils.models import BiasedMF
     from mfutils.synthetic import SIZES, synthetic
-    from mfutils.train import fit_als, fit_sgd, phase_seconds
 
     shapes = SIZES if shapes is None else shapes
-    if size not in shapes:
-        raise ValueError(f"--size {size}: not a known size; use one of {', '.join(shapes)}")
+    for name in (size, *(batch_series[:1] if batch_series else ())):
+        if name not in shapes:
+            raise ValueError(f"--size {name}: not a known size; use one of {', '.join(shapes)}")
     unknown = [p for p in paths if p not in PHASE_PATHS]
     if unknown:
         raise ValueError(f"run_phases(): paths must be among {list(PHASE_PATHS)}; got {unknown}")
@@ -1021,43 +1052,31 @@ def run_phases(*, size: str = "ml-20m", rank: int = 64, paths: tuple[str, ...] =
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        data: RatingData = synthetic(*shapes[size], seed=0)[0]
+        data = synthetic(*shapes[size], seed=0)[0]
         result: dict[str, Any] = {
             "machine": machine_info(), "device": "cpu", "torch_threads": threads, "size": size,
             "n_users": data.n_users, "n_items": data.n_items, "n_ratings": data.n_ratings, "rank": rank,
             "batch_size": batch_size, "warmup_epochs": warmup, "timed_epochs": repeats,
-            "protocol": "synthetic ratings (mfutils.synthetic, seed 0); per path one call of the trainer, as in "
-            "the devices sweep, inside mfutils.train.phase_seconds(); the warm-up epochs are dropped; a phase's "
-            "seconds are wall-clock seconds summed over its blocks within the epoch; rest = the epoch's "
-            "History.seconds minus its phases",
+            "protocol": "synthetic ratings (mfutils.synthetic, seed 0); per path and batch size one call of the "
+            "trainer, as in the devices sweep, inside mfutils.train.phase_seconds(); the warm-up epochs are "
+            "dropped; a phase's seconds are wall-clock seconds summed over its blocks within the epoch; rest = "
+            "the epoch's History.seconds minus its phases",
             "copy": copy_bandwidth(), "matmul": matmul_rate(), "paths": []}
         for path in paths:
-            model = BiasedMF(data.n_users, data.n_items, rank, global_mean=float(data.rating.mean()),
-                             sparse=path != "als", seed=0)
-            sums: list[dict[str, float]] = []
-            with phase_seconds() as phases:
-                record = lambda epoch, history: sums.append(dict(phases))  # noqa: E731 - running sums per epoch
-                if path == "als":
-                    history = fit_als(model, data, reg=0.05, n_epochs=warmup + repeats, device="cpu",
-                                      callback=record)
-                else:
-                    history = fit_sgd(model, data, optimizer="sgd", fused=True, n_epochs=warmup + repeats,
-                                      batch_size=batch_size, device="cpu", callback=record)
-            epochs = []
-            for n in range(warmup, warmup + repeats):
-                last = sums[n - 1] if n > 0 else {}
-                spent = {name: total - last.get(name, 0.0) for name, total in sums[n].items()}
-                spent["rest"] = history.seconds[n] - sum(spent.values())
-                epochs.append({"seconds": history.seconds[n], "phases": spent})
-            names = list(epochs[0]["phases"])
-            result["paths"].append({
-                "path": path, "description": DEVICE_PATHS[path], "epochs": epochs,
-                "mean_seconds": statistics.fmean(e["seconds"] for e in epochs),
-                "mean_phases": {name: statistics.fmean(e["phases"].get(name, 0.0) for e in epochs)
-                                for name in names},
-                "train_rmse": history.train_rmse[-1]})
+            result["paths"].append(_phase_epochs(data, path, rank, batch_size, warmup, repeats))
             print(f"{size} k={rank} {path}: {result['paths'][-1]['mean_seconds']:.2f} s per epoch", file=sys.stderr,
                   flush=True)
+        if batch_series:
+            series_size, series_rank, batches = batch_series
+            del data
+            data = synthetic(*shapes[series_size], seed=0)[0]
+            runs = []
+            for batch in batches:
+                runs.append(_phase_epochs(data, "fused", series_rank, batch, warmup, repeats))
+                print(f"{series_size} k={series_rank} fused b={batch}: {runs[-1]['mean_seconds']:.3f} s per epoch",
+                      file=sys.stderr, flush=True)
+            result["batch_series"] = {"size": series_size, "rank": series_rank, "n_ratings": data.n_ratings,
+                                      "runs": runs}
         return result
     finally:
         torch.set_num_threads(before)

@@ -421,8 +421,8 @@ def test_run_phases_splits_each_timed_epoch_into_its_phases_and_the_rest(monkeyp
     threads: list[int] = []
     monkeypatch.setattr(torch, "set_num_threads", threads.append)  # record the thread counts, change nothing
     monkeypatch.setattr(torch, "get_num_threads", lambda: 5)
-    result = bench.run_phases(size="tiny", shapes={"tiny": (40, 30, 300)}, rank=3, batch_size=32, warmup=1,
-                              repeats=2, threads=1)
+    result = bench.run_phases(size="tiny", shapes={"tiny": (40, 30, 300), "small": (20, 10, 100)}, rank=3,
+                              batch_size=32, warmup=1, repeats=2, threads=1, batch_series=("small", 2, (16, 64)))
     assert threads == [1, 5]  # the run's thread count, then the caller's again
     assert (result["n_users"], result["n_items"], result["n_ratings"], result["torch_threads"]) == (40, 30, 300, 1)
     assert [p["path"] for p in result["paths"]] == ["fused", "als"]
@@ -436,6 +436,11 @@ def test_run_phases_splits_each_timed_epoch_into_its_phases_and_the_rest(monkeyp
             assert math.isclose(sum(epoch["phases"].values()), epoch["seconds"], rel_tol=1e-9)
             assert epoch["phases"]["rest"] > -1e-9 and all(v > 0 for k, v in epoch["phases"].items() if k != "rest")
         assert math.isclose(path["mean_seconds"], statistics.fmean(e["seconds"] for e in path["epochs"]))
+    series = result["batch_series"]
+    assert (series["size"], series["rank"], series["n_ratings"]) == ("small", 2, 100)
+    assert [(r["path"], r["batch_size"], len(r["epochs"])) for r in series["runs"]] == [("fused", 16, 2),
+                                                                                       ("fused", 64, 2)]
+    assert all(set(r["mean_phases"]) == expected["fused"] for r in series["runs"])
 
 
 @pytest.mark.parametrize("command", ["folds", "devices", "phases"])
