@@ -1524,14 +1524,12 @@ def _check_out(path: str, example: str) -> None:
     """A ValueError now, before a long run, if ``path`` cannot become the results file (``example``: a good one)."""
     if not path or os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise ValueError(f"--out {path!r} does not name a file; name one, e.g. --out {example}")
-    from mfutils.cli import cannot_create_in
+    from mfutils.cli import cannot_write
 
-    if os.path.exists(path) and not os.path.isfile(path):  # a pipe or a device (/dev/stdout): written in place
-        return
     folder = os.path.dirname(os.path.abspath(path))
     try:  # make the folders now, as the write at the end would
         os.makedirs(folder, exist_ok=True)
-        why = cannot_create_in(folder)
+        why = cannot_write(path)
     except OSError as exc:
         why = exc.strerror or str(exc)
     if why is not None:

@@ -297,11 +297,14 @@ def _check_memory(train: RatingData, rank: int, device: torch.device) -> None:
                          f"lower --rank")
 
 
-def cannot_create_in(folder: str) -> str | None:
-    """Why no file can be created in ``folder`` (its error message), or None when one can: tried with a
-    temporary file, removed at once, so that an output path is checked before a long run, not after it."""
+def cannot_write(path: str) -> str | None:
+    """Why :func:`write_file` could not write ``path`` (the error message), or None when it could: a file is
+    created in the folder it would write in and removed at once, so that an output path is checked before a
+    long run, not after it. A pipe or device (``/dev/stdout``) is written in place and needs no new file."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        return None
     try:
-        with tempfile.TemporaryFile(dir=folder):
+        with tempfile.TemporaryFile(dir=os.path.dirname(os.path.realpath(path))):
             pass
     except OSError as exc:
         return exc.strerror or str(exc)
@@ -460,10 +463,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         if os.path.isdir(args.predictions) or not os.path.isdir(folder):  # found now, not after training
             why = "Is a directory" if os.path.isdir(args.predictions) else f"no folder {folder}"
             raise UsageError(f"cannot write predictions to {args.predictions}: {why}")
-        if os.path.isfile(args.predictions) or not os.path.exists(args.predictions):  # pipes are written in place
-            why = cannot_create_in(folder)
-            if why is not None:
-                raise UsageError(f"cannot write predictions to {args.predictions}: {why} (in {folder})")
+        why = cannot_write(args.predictions)
+        if why is not None:
+            raise UsageError(f"cannot write predictions to {args.predictions}: {why} (in {folder})")
     return args
 
 

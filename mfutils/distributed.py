@@ -729,9 +729,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              f"{option} {os.path.join(path, example)}")
         if not os.path.isdir(folder):
             raise UsageError(f"{option} {path}: the folder {folder} does not exist; create it first")
-        from mfutils.cli import cannot_create_in
+        from mfutils.cli import cannot_write
 
-        why = cannot_create_in(folder) if os.path.isfile(path) or not os.path.exists(path) else None
+        why = cannot_write(path)
         if why is not None:
             raise UsageError(f"{option} {path}: cannot write in {folder}: {why}; name a file in a folder you can "
                              f"write to")

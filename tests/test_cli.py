@@ -262,11 +262,12 @@ def _read_only(monkeypatch, folder) -> None:
     monkeypatch.setattr(cli.tempfile, "TemporaryFile", refuse)
 
 
-def test_cannot_create_in_says_why_or_none(tmp_path, monkeypatch):
-    assert cli.cannot_create_in(str(tmp_path)) is None and list(tmp_path.iterdir()) == []  # nothing left
-    assert cli.cannot_create_in(str(tmp_path / "missing")) == "No such file or directory"
+def test_cannot_write_says_why_or_none(tmp_path, monkeypatch):
+    assert cli.cannot_write(str(tmp_path / "p.csv")) is None and list(tmp_path.iterdir()) == []  # nothing left
+    assert cli.cannot_write(str(tmp_path / "missing" / "p.csv")) == "No such file or directory"
+    assert cli.cannot_write(os.devnull) is None  # a device is written in place: no new file needed
     _read_only(monkeypatch, tmp_path)
-    assert cli.cannot_create_in(str(tmp_path)) == "Permission denied"
+    assert cli.cannot_write(str(tmp_path / "p.csv")) == "Permission denied"
 
 
 def test_a_predictions_folder_without_write_permission_is_refused_before_training(tmp_path, capsys, monkeypatch):
