@@ -12,8 +12,8 @@ that, with the block layout of Spark MLlib's ALS:
   :math:`n/W` rows: under a popularity power law, equal rows would leave one rank with the heavy head.
 * **Replicas.** Every rank holds a full copy of both factor tables (and biases): :math:`(n_\text{users}
   + n_\text{items})(k+1)` floats, 22 MB for ML-20M at :math:`k=32`, small next to its 20M ratings.
-* **Ratings.** Rank :math:`r` keeps the ratings of its users (user half-step, training loss) and of its
-  items (item half-step): every rating is stored twice across the group, never :math:`W` times.
+* **Ratings.** Rank :math:`r` keeps the ratings of its users (user half-step) and of its items (item
+  half-step, training loss): every rating is stored twice across the group, never :math:`W` times.
 * **A sweep.** Each rank solves its user block with the single-process code (:func:`mfutils.train._als_side`
   on a view of the model cut to the block), then one ``all_gather`` hands every rank every block, so all
   replicas hold the same new :math:`P`. Then the same for items. A last ``all_reduce`` sums the ranks'
@@ -96,7 +96,7 @@ import torch.distributed as dist
 
 from mfutils.data import RatingData
 from mfutils.models import BiasedMF
-from mfutils.train import (History, _als_side, _by_row, _check_common, _epochs, _sse, _weighted_penalty,
+from mfutils.train import (History, _als_side, _by_row, _check_common, _epochs, _side_penalties, _sse,
                            resolve_device)
 
 __all__ = ["DistributedFit", "DistributedError", "fit_als_distributed", "partition", "gather_bytes_per_sweep",
@@ -257,8 +257,8 @@ def _layout(rows: torch.Tensor, cols: torch.Tensor, n_rows: int) -> tuple[torch.
 
 
 def _side(name: str, rows: torch.Tensor, cols: torch.Tensor, rating: torch.Tensor, n_rows: int,
-          bounds: torch.Tensor, rank: int, reg: float, device: torch.device) -> tuple[_Side, torch.Tensor]:
-    """This rank's block of one side, on ``device``; also the block's (rows, cols, rating) mask."""
+          bounds: torch.Tensor, rank: int, reg: float, device: torch.device) -> _Side:
+    """This rank's block of one side, on ``device``."""
     lo, hi = int(bounds[rank]), int(bounds[rank + 1])
     mine = (rows >= lo) & (rows < hi)  # (n_ratings,) on the CPU
     rows, cols, rating = (t[mine].to(device) for t in (rows, cols, rating))  # (nnz_block,) each
@@ -268,7 +268,7 @@ def _side(name: str, rows: torch.Tensor, cols: torch.Tensor, rating: torch.Tenso
     penalty_counts[lo:hi] = counts
     side = _Side(name, bounds.tolist(), lo, hi, _layout(local, cols, hi - lo), rating,
                  reg * counts.clamp(min=1), penalty_counts)
-    return side, mine
+    return side
 
 
 def _tables(model: BiasedMF, side: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -365,13 +365,11 @@ def fit_als_distributed(model: BiasedMF, train: RatingData, *, val: RatingData |
     world, rank, backend = _group()
     device = _resolve(device, backend, who)
     model.to(device).train()
-    sides, mine = {}, {}
+    sides = {}
     for name, rows, cols, n in (("user", train.user_idx, train.item_idx, model.n_users),
                                 ("item", train.item_idx, train.user_idx, model.n_items)):
         bounds = partition(torch.bincount(rows, minlength=n), world)  # (W + 1,), the same on every rank
-        sides[name], mine[name] = _side(name, rows, cols, train.rating, n, bounds, rank, reg, device)
-    # the user block's ratings also give this rank's share of the loss: (nnz_block,) each
-    u, i, r = (t[mine["user"]].to(device) for t in (train.user_idx, train.item_idx, train.rating))
+        sides[name] = _side(name, rows, cols, train.rating, n, bounds, rank, reg, device)
     lo, hi = sides["user"].lo, sides["user"].hi
     val_mine = None if val is None else [t[(val.user_idx >= lo) & (val.user_idx < hi)].to(device)
                                          for t in (val.user_idx, val.item_idx, val.rating)]
@@ -386,22 +384,23 @@ def fit_als_distributed(model: BiasedMF, train: RatingData, *, val: RatingData |
         received = 0
         for name in ("user", "item"):
             side = sides[name]
-            _als_side(_block_view(model, name, side.lo, side.hi), name, side.layout, side.rating, side.ridge)
+            reached = _als_side(_block_view(model, name, side.lo, side.hi), name, side.layout, side.rating,
+                                side.ridge)  # the item block's: its ratings' errors and its items' penalty
             if backend != "none":
                 received += _gather_block(model, side, world, clock)
-        sse = _sse(model, u, i, r)
-        penalty = _weighted_penalty(model, sides["user"].penalty_counts, sides["item"].penalty_counts)
-        val_sse = _sse(model, *val_mine) if val_mine is not None else torch.zeros_like(sse)
-        totals = torch.stack([sse, penalty, val_sse])  # (3,): this rank's share
+        user_penalty, item_penalty = _side_penalties(model, sides["user"].penalty_counts,
+                                                     sides["item"].penalty_counts)
+        objective = reached + reg * user_penalty
+        val_sse = _sse(model, *val_mine).double() if val_mine is not None else torch.zeros_like(objective)
+        totals = torch.stack([objective, reached - reg * item_penalty, val_sse])  # (3,): this rank's share
         if backend != "none":
             clock.switch("comm")
             dist.all_reduce(totals)
             clock.switch("compute")
-        sse, penalty, val_sse = totals
-        train_loss, mse = (torch.stack([sse + reg * penalty, sse]) / train.n_ratings).tolist()
+        train_loss, mse, val_sse = (totals / totals.new_tensor([train.n_ratings, train.n_ratings, 1])).tolist()
         clock.switch("compute")
         costs.append([clock.seconds["compute"], clock.seconds["comm"], received, received])
-        val_rmse = math.sqrt(val_sse.item() / n_val) if n_val else math.nan
+        val_rmse = math.sqrt(val_sse / n_val) if n_val else math.nan
         history = history.append(train_loss=train_loss, train_rmse=math.sqrt(mse), val_rmse=val_rmse,
                                  seconds=time.perf_counter() - start)
         if callback is not None:

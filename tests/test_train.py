@@ -382,16 +382,51 @@ def test_row_grams_in_chunks_equal_the_per_row_sums(monkeypatch, chunk_floats):
     crow = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
     target, Y = torch.randn(len(cols), generator=gen), torch.randn(15, 3, generator=gen)
     chunks = list(trainers._row_gram_chunks(crow, cols, target, Y))
-    yielded = torch.cat([rows for rows, _, _ in chunks])
+    yielded = torch.cat([rows for rows, _, _, _ in chunks])
     assert sorted(yielded.tolist()) == [0, 2, 3, 5, 6] and yielded[0] == 5  # longest first, no empty rows
     assert len(chunks) == {6: 5, 40: 3, 1 << 20: 1}[chunk_floats]
     gram, rhs = torch.zeros(len(counts), 3, 3), torch.zeros(len(counts), 3)
-    for rows, g, h in chunks:
+    for rows, g, h, sumsq in chunks:
         gram[rows], rhs[rows] = g, h
+        own = torch.cat([target[crow[row]:crow[row + 1]] for row in rows.tolist()])  # the chunk's targets
+        assert_close(sumsq, own @ own)
     for row in range(len(counts)):
         mine = slice(crow[row], crow[row + 1])
         assert_close(gram[row], Y[cols[mine]].T @ Y[cols[mine]])
         assert_close(rhs[row], Y[cols[mine]].T @ target[mine])
+
+
+@pytest.mark.parametrize("ones", [False, True])
+@pytest.mark.parametrize("chunk_floats", [6, 1 << 20])
+def test_solve_rows_returns_the_objective_its_rows_reach(monkeypatch, ones, chunk_floats):
+    """t^T t - x^T h per row equals the squared residual plus the ridge term at the solution, summed."""
+    monkeypatch.setitem(trainers._GRAM_CHUNK_FLOATS, "cpu", chunk_floats)
+    gen = torch.Generator().manual_seed(2)
+    counts = torch.tensor([3, 0, 7, 1, 12, 2])
+    cols = torch.cat([torch.randperm(15, generator=gen)[:n].sort().values for n in counts.tolist()])
+    crow = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    target, Y = torch.randn(len(cols), generator=gen), torch.randn(15, 3, generator=gen)
+    ridge = torch.rand(len(counts), 1, generator=gen).expand(-1, 3 + ones) + 0.1
+    solved, reached = trainers._solve_rows(crow, cols, target, Y, ridge, ones=ones)
+    assert reached.dtype == torch.float64 and torch.equal(solved, als_half_step(crow, cols, target, Y, ridge,
+                                                                                  ones=ones))
+    full = torch.cat([Y, torch.ones(15, 1)], 1) if ones else Y
+    by_hand = 0.0
+    for row in range(len(counts)):
+        mine = slice(crow[row], crow[row + 1])
+        residual = target[mine].double() - full[cols[mine]].double() @ solved[row].double()
+        by_hand += float(residual @ residual + (ridge[row].double() * solved[row].double() ** 2).sum())
+    assert float(reached) == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_fit_als_reports_the_training_rmse_of_its_model(data):
+    """The loss comes from the item half-step's own sums; the RMSE it implies is the model's, recomputed."""
+    train, _ = data
+    model = _model(train, n_factors=3)
+    history = fit_als(model, train, reg=0.05, n_epochs=3, device="cpu")
+    with torch.no_grad():
+        rmse = float(((train.rating - model(train.user_idx, train.item_idx)) ** 2).mean().sqrt())
+    assert history.train_rmse[-1] == pytest.approx(rmse, rel=1e-5)
 
 
 def test_fit_als_never_increases_the_objective_and_reports_it(data):
