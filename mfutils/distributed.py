@@ -398,6 +398,7 @@ def fit_als_distributed(model: BiasedMF, train: RatingData, *, val: RatingData |
             dist.all_reduce(totals)
             clock.switch("compute")
         train_loss, mse, val_sse = (totals / totals.new_tensor([train.n_ratings, train.n_ratings, 1])).tolist()
+        mse = max(mse, 0.0)  # as in fit_als: a perfect fit can round to a hair below zero
         clock.switch("compute")
         costs.append([clock.seconds["compute"], clock.seconds["comm"], received, received])
         val_rmse = math.sqrt(val_sse / n_val) if n_val else math.nan

@@ -680,6 +680,7 @@ def fit_als(model: BiasedMF, train: RatingData, *, val: RatingData | None = None
             user_penalty, item_penalty = _side_penalties(model, counts["user"], counts["item"])
             objective = reached + reg * user_penalty  # the items' errors and penalty, and the users' penalty
             train_loss, mse = (torch.stack([objective, reached - reg * item_penalty]) / len(r)).tolist()  # one sync
+            mse = max(mse, 0.0)  # a perfect fit can round to a hair below zero
         history, stop = _end_epoch(history, epoch, model=model, val_data=val_data, train_loss=train_loss,
                                    mse=mse, start=start, callback=callback, stopper=stopper)
         if stop:

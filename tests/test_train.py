@@ -658,3 +658,14 @@ def test_phase_seconds_blocks_do_not_nest_and_refuse_a_gpu():
             trainers._check_phase_device("fit_sgd()", torch.device("cuda", 0))
         trainers._check_phase_device("fit_sgd()", torch.device("cpu"))  # no error
     trainers._check_phase_device("fit_sgd()", torch.device("cuda", 0))  # outside a block: nothing is timed
+
+
+def test_fit_als_scores_a_perfect_fit_as_zero_not_as_an_error():
+    """t^T t - x^T h of an exact fit is rounding noise around zero; the reported RMSE must stay a number."""
+    train, _ = _low_rank(frac=1.0)  # every rating of an exact rank-2 matrix
+    rmses = []
+    for seed in range(4):
+        history = fit_als(_model(train, n_factors=2, seed=seed), train, reg=1e-6, n_epochs=15, device="cpu")
+        rmses += history.train_rmse
+    assert all(0.0 <= x < 1e-2 for x in rmses[-1::-15])  # every run ends near zero
+    assert all(math.isfinite(x) for x in rmses)
