@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    except FloatingPointError as exc:  # sgd/adam diverged
+    except FloatingPointError as exc:  # sgd/adam diverged, or an ALS system was singular
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -533,10 +533,19 @@ def _solve_rows(crow: torch.Tensor, cols: torch.Tensor, target: torch.Tensor, ot
 
 
 def _cholesky(A: torch.Tensor) -> torch.Tensor:
-    """Batched Cholesky factor of SPD ``A`` (``(n, k, k)``), redone in float64 if float32 rounding broke it."""
+    """Batched Cholesky factor of SPD ``A`` (``(n, k, k)``), redone in float64 if float32 rounding broke it.
+
+    Raises:
+        FloatingPointError: a matrix is not positive definite even in float64 (a ridge too small for its
+            Gram matrix, which has rank below ``k`` when a row has fewer entries than ``k``).
+    """
     chol, info = torch.linalg.cholesky_ex(A)
     if bool((info != 0).any()):  # rare: badly scaled ratings; costs one sync per call
-        chol = torch.linalg.cholesky(A.double()).to(A.dtype)
+        chol, info = torch.linalg.cholesky_ex(A.double())
+        if bool((info != 0).any()):
+            raise FloatingPointError("a least-squares system of ALS is singular to working precision even in "
+                                     "float64: its ridge is too small")
+        chol = chol.to(A.dtype)
     return chol
 
 
@@ -675,7 +684,11 @@ def fit_als(model: BiasedMF, train: RatingData, *, val: RatingData | None = None
     for epoch in _epochs(n_epochs, progress, who):
         start = time.perf_counter()
         for side in ("user", "item"):
-            reached = _als_side(model, side, layouts[side], r, ridges[side])  # the item side's is the sweep's
+            try:
+                reached = _als_side(model, side, layouts[side], r, ridges[side])  # the item side's is the sweep's
+            except FloatingPointError as exc:
+                raise FloatingPointError(f"{who}: {exc} (sweep {epoch}, {side} half-step); raise reg (now {reg}) "
+                                         f"or lower the rank (now {model.n_factors})") from None
         with _phase("loss"):
             user_penalty, item_penalty = _side_penalties(model, counts["user"], counts["item"])
             objective = reached + reg * user_penalty  # the items' errors and penalty, and the users' penalty

@@ -669,3 +669,10 @@ def test_fit_als_scores_a_perfect_fit_as_zero_not_as_an_error():
         rmses += history.train_rmse
     assert all(0.0 <= x < 1e-2 for x in rmses[-1::-15])  # every run ends near zero
     assert all(math.isfinite(x) for x in rmses)
+
+
+def test_fit_als_says_to_raise_reg_when_a_system_is_singular_even_in_float64():
+    train, _ = _low_rank(frac=1.0)  # exact rank 2: at rank 4 every Gram matrix is singular but for the ridge
+    with pytest.raises(FloatingPointError, match=r"fit_als\(\): .*singular.*raise reg \(now 1e-12\) or lower the "
+                                                 r"rank \(now 4\)"):
+        fit_als(_model(train, n_factors=4), train, reg=1e-12, n_epochs=3, device="cpu")
