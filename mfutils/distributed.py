@@ -878,8 +878,8 @@ def _describe(exc: BaseException, timeout: float) -> str:
                 f"if the ranks are only slow")
     elif re.search(r"connection (reset|closed|refused)|broken pipe|peer", text, re.I):
         hint = "a peer process died; see its own error line"
-    elif isinstance(exc, torch.linalg.LinAlgError):
-        hint = ("float32 rounding broke a least-squares system: ratings of large magnitude do that; rescale them "
+    elif isinstance(exc, (torch.linalg.LinAlgError, FloatingPointError)):  # FloatingPointError: train._cholesky
+        hint = ("rounding broke a least-squares system: ratings of large magnitude do that; rescale them "
                 "to a few units (e.g. 1 to 5) or raise --reg")
     else:
         hint = ""

@@ -544,7 +544,8 @@ def _cholesky(A: torch.Tensor) -> torch.Tensor:
         chol, info = torch.linalg.cholesky_ex(A.double())
         if bool((info != 0).any()):
             raise FloatingPointError("a least-squares system of ALS is singular to working precision even in "
-                                     "float64: its ridge is too small")
+                                     "float64: its ridge is too small for its Gram matrix (ratings of large "
+                                     "magnitude, or more factors than a row has ratings, do that)")
         chol = chol.to(A.dtype)
     return chol
 
@@ -687,8 +688,8 @@ def fit_als(model: BiasedMF, train: RatingData, *, val: RatingData | None = None
             try:
                 reached = _als_side(model, side, layouts[side], r, ridges[side])  # the item side's is the sweep's
             except FloatingPointError as exc:
-                raise FloatingPointError(f"{who}: {exc} (sweep {epoch}, {side} half-step); raise reg (now {reg}) "
-                                         f"or lower the rank (now {model.n_factors})") from None
+                raise FloatingPointError(f"{who}: in sweep {epoch}'s {side} half-step, {exc}; raise reg (now "
+                                         f"{reg}) or lower the rank (now {model.n_factors})") from None
         with _phase("loss"):
             user_penalty, item_penalty = _side_penalties(model, counts["user"], counts["item"])
             objective = reached + reg * user_penalty  # the items' errors and penalty, and the users' penalty

@@ -408,5 +408,6 @@ def test_default_method_beats_surprise_svd_on_ml100k_u1(tmp_path, capsys):
 def test_a_ridge_too_small_for_als_is_one_error_line_not_a_traceback(tmp_path, capsys):
     path = _write(tmp_path / "r.tsv", _rows(), "tab")  # 12 users, 9 items: rank 20 leaves every system singular
     code, _, err = _run(capsys, "train", str(path), "--method", "als", "--rank", "20", "--reg", "1e-12")
-    assert code == 1 and err.startswith("error: fit_als(): a least-squares system of ALS is singular"), err
+    assert code == 1 and err.startswith("error: fit_als(): in sweep 0's user half-step, a least-squares system of ALS "
+                                   "is singular"), err
     assert "raise reg (now 1e-12)" in err and len(err.strip().splitlines()) == 1 and "unexpected" not in err
