@@ -1262,6 +1262,10 @@ def _spark_side(train, test, *, rank: int, reg: float, epochs: int, seed: int, c
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
             return {"error": f"the Spark worker was stopped after {timeout:g} s", "java": java}
+        except BaseException:  # interrupted: its own process group does not get the terminal's Ctrl-C
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
         worker_seconds = time.perf_counter() - start
         try:
             with open(os.path.join(folder, "out.json"), encoding="utf-8") as f:
@@ -1658,5 +1662,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (``kill``, ``timeout``) as Ctrl-C: ``finally`` blocks then stop the child processes and remove
+    the temporary folders, where Python's default would exit at once and leave both behind."""
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("python -m mfutils.bench: interrupted (a devices --out file keeps the configurations finished so far; "
+              "--resume continues from it)", file=sys.stderr)
+        sys.exit(130)

@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -470,3 +471,45 @@ def test_phases_command_rejects_bad_arguments_before_running(tmp_path, capsys, m
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["phases", "--rank", "0"])
     assert exit_info.value.code == 2 and "argument --rank: must be >= 1, got '0'" in capsys.readouterr().err
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of this machine's processes that contain ``text`` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                line = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in line:
+            found.append(line)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc (Linux)")
+def test_sigterm_stops_the_devices_children_and_removes_the_temporary_folder(tmp_path):
+    """``kill`` or ``timeout`` sends SIGTERM to the parent only: it must stop its child and clean up, like Ctrl-C."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch), "PYTHONPATH": os.pathsep.join(filter(None, [
+        str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "mfutils.bench", "devices", "--out", str(tmp_path / "d.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not _processes_mentioning(f"_many {scratch}") and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        assert _processes_mentioning(f"_many {scratch}"), "no child process started"
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("python -m mfutils.bench: interrupted")
+    assert "Traceback" not in err
+    assert _processes_mentioning(str(scratch)) == [] and list(scratch.iterdir()) == []
