@@ -222,16 +222,11 @@ def _sse(model: BiasedMF, u: torch.Tensor, i: torch.Tensor, r: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def _weighted_penalty(model: BiasedMF, user_counts: torch.Tensor, item_counts: torch.Tensor) -> torch.Tensor:
-    r"""The per-rating penalty summed over all ratings, from the tables: :math:`\sum_u n_u(\lVert p_u\rVert^2
-    + b_u^2) + \sum_i n_i(\lVert q_i\rVert^2 + b_i^2)`, the same as summing ``model.penalty`` rating by rating."""
-    users, items = _side_penalties(model, user_counts, item_counts)
-    return users + items
-
-
 def _side_penalties(model: BiasedMF, user_counts: torch.Tensor,
                     item_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two sums of :func:`_weighted_penalty`, the users' and the items', as 0-d tensors."""
+    r"""The per-rating penalty summed over all ratings, from the tables, in two parts (0-d tensors): the
+    users' :math:`\sum_u n_u(\lVert p_u\rVert^2 + b_u^2)` and the items' :math:`\sum_i n_i(\lVert q_i\rVert^2
+    + b_i^2)`; together, the same as summing ``model.penalty`` rating by rating."""
     users = user_counts @ model.user_factors.weight.pow(2).sum(1)
     items = item_counts @ model.item_factors.weight.pow(2).sum(1)
     if model.user_bias is not None:
