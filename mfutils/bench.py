@@ -44,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -652,6 +653,29 @@ def _many(file: str, configs: list[dict[str, Any]], device: str) -> None:
 CHILD_TIMEOUT = {"cpu": 1800.0, "cuda": 300.0}  # seconds a child may go without finishing a configuration
 
 
+def _hold_sigterm() -> set | None:
+    """Block SIGTERM in this thread (where the system can) and return the previous mask for
+    :func:`_release_sigterm`; a SIGTERM that arrives meanwhile waits instead of being lost mid-way."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def _release_sigterm(held: set | None) -> None:
+    """Restore the mask :func:`_hold_sigterm` saved (again harmless); a pending SIGTERM is delivered now."""
+    if held is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _watchdog(seconds: float, action: Callable[[], None]) -> threading.Timer:
+    """A started timer that calls ``action`` after ``seconds`` unless cancelled; a daemon thread, so a timer
+    left running by an interruption never holds the interpreter's exit."""
+    timer = threading.Timer(seconds, action)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def _children(file: str, configs: list[dict[str, Any]], device: torch.device, threads: int,
               timeout: float | None = None, shared: bool | None = None):
     """Run ``configs`` on ``file`` in fresh interpreters; yield each one's result as soon as it is printed.
@@ -662,8 +686,6 @@ def _children(file: str, configs: list[dict[str, Any]], device: torch.device, th
     ``timeout`` seconds (default :data:`CHILD_TIMEOUT`) without finishing a configuration is killed; that
     configuration and those it did not reach are reported as ``{"error": ...}``.
     """
-    import threading
-
     timeout = CHILD_TIMEOUT.get(device.type, 1800.0) if timeout is None else timeout
     shared = device.type == "cuda" if shared is None else shared
     groups = [configs] if shared else [[c] for c in configs]
@@ -671,33 +693,39 @@ def _children(file: str, configs: list[dict[str, Any]], device: torch.device, th
     for group in groups:
         cmd = [sys.executable, "-m", "mfutils.bench", "_many", file, "--device", str(device),
                "--threads", str(threads), "--configs", json.dumps(group)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         stderr: list[str] = []
-        drain = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)
-        drain.start()
         killed = threading.Event()
-
-        def kill():
-            killed.set()
-            proc.kill()
-
-        done, timer = 0, threading.Timer(timeout, kill)
-        timer.start()
+        proc = timer = drain = None
+        done = 0
+        held = _hold_sigterm()  # until proc exists: a SIGTERM in between would orphan the child
         try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            _release_sigterm(held)  # a SIGTERM that came meanwhile raises here, where finally stops the child
+            drain = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)
+            drain.start()
+
+            def kill():
+                killed.set()
+                proc.kill()
+
+            timer = _watchdog(timeout, kill)
             for line in proc.stdout:
                 if not line.startswith("{"):
                     continue
                 timer.cancel()
                 done += 1
                 yield json.loads(line)
-                timer = threading.Timer(timeout, kill)
-                timer.start()
+                timer = _watchdog(timeout, kill)
         finally:
-            timer.cancel()
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            drain.join(5)
+            _release_sigterm(held)
+            if timer is not None:
+                timer.cancel()
+            if proc is not None:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+            if drain is not None:
+                drain.join(5)
         if done < len(group):
             why = (f"no result within {timeout:g} s" if killed.is_set() else
                    ([line.strip() for line in stderr if line.strip()] or [f"exit status {proc.returncode}"])[-1])
@@ -1670,6 +1698,8 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    if hasattr(signal, "pthread_sigmask"):  # a child inherits the mask _hold_sigterm set around its start
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     try:
         sys.exit(main())
     except KeyboardInterrupt:

@@ -490,8 +490,24 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
+def _sigterm_blocked(cmdline_part: str) -> bool | None:
+    """Whether the process whose command line contains ``cmdline_part`` blocks SIGTERM (None: not found)."""
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if cmdline_part not in f.read().replace(b"\0", b" ").decode(errors="replace"):
+                    continue
+            with open(f"/proc/{entry}/status", encoding="ascii") as f:
+                mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigBlk:"))
+        except (OSError, StopIteration):
+            continue
+        return bool(mask >> (15 - 1) & 1)  # SIGTERM is signal 15: bit 14
+    return None
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc (Linux)")
-def test_sigterm_stops_the_devices_children_and_removes_the_temporary_folder(tmp_path):
+@pytest.mark.parametrize("delay", [0.0, 1.0])  # at once, as the child starts (the racy moment), and later
+def test_sigterm_stops_the_devices_children_and_removes_the_temporary_folder(tmp_path, delay):
     """``kill`` or ``timeout`` sends SIGTERM to the parent only: it must stop its child and clean up, like Ctrl-C."""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
@@ -503,8 +519,14 @@ def test_sigterm_stops_the_devices_children_and_removes_the_temporary_folder(tmp
         deadline = time.monotonic() + 120
         while not _processes_mentioning(f"_many {scratch}") and time.monotonic() < deadline:
             assert proc.poll() is None, proc.communicate()
-            time.sleep(0.2)
+            time.sleep(0.05)
         assert _processes_mentioning(f"_many {scratch}"), "no child process started"
+        if delay:
+            time.sleep(delay)
+            # the parent holds SIGTERM while it starts a child; the child itself must not keep it held
+            while _sigterm_blocked(f"_many {scratch}") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _sigterm_blocked(f"_many {scratch}") in (False, None)
         proc.terminate()
         _, err = proc.communicate(timeout=60)
     finally:
@@ -513,3 +535,16 @@ def test_sigterm_stops_the_devices_children_and_removes_the_temporary_folder(tmp
     assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("python -m mfutils.bench: interrupted")
     assert "Traceback" not in err
     assert _processes_mentioning(str(scratch)) == [] and list(scratch.iterdir()) == []
+
+
+def test_the_child_watchdog_never_holds_the_interpreters_exit():
+    """An interruption can leave a watchdog timer running; as a daemon thread it cannot keep a stopped sweep alive."""
+    fired = []
+    timer = bench._watchdog(0.05, lambda: fired.append(True))
+    assert timer.daemon and timer.is_alive()
+    timer.join(5)
+    assert fired == [True]
+    timer = bench._watchdog(60, lambda: fired.append(False))
+    timer.cancel()
+    timer.join(5)
+    assert not timer.is_alive() and fired == [True]
