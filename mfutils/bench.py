@@ -32,6 +32,7 @@ JSON says why Spark was skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import itertools
 import json
@@ -1291,7 +1292,8 @@ def _spark_side(train, test, *, rank: int, reg: float, epochs: int, seed: int, c
             proc.communicate()
             return {"error": f"the Spark worker was stopped after {timeout:g} s", "java": java}
         except BaseException:  # interrupted: its own process group does not get the terminal's Ctrl-C
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # the group may have ended already
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
             raise
         worker_seconds = time.perf_counter() - start

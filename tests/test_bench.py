@@ -476,9 +476,9 @@ def test_phases_command_rejects_bad_arguments_before_running(tmp_path, capsys, m
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _processes_mentioning(text: str) -> list[str]:
-    """Command lines of this machine's processes that contain ``text`` (Linux /proc)."""
-    found = []
+def _processes_mentioning(text: str) -> dict[str, str]:
+    """Process id -> command line, for this machine's processes whose command line contains ``text`` (/proc)."""
+    found = {}
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
@@ -486,18 +486,15 @@ def _processes_mentioning(text: str) -> list[str]:
         except OSError:
             continue
         if text in line:
-            found.append(line)
+            found[entry] = line
     return found
 
 
-def _sigterm_blocked(cmdline_part: str) -> bool | None:
-    """Whether the process whose command line contains ``cmdline_part`` blocks SIGTERM (None: not found)."""
-    for entry in os.listdir("/proc"):
+def _sigterm_blocked(text: str) -> bool | None:
+    """Whether a process whose command line contains ``text`` blocks SIGTERM (None: none found)."""
+    for pid in _processes_mentioning(text):
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if cmdline_part not in f.read().replace(b"\0", b" ").decode(errors="replace"):
-                    continue
-            with open(f"/proc/{entry}/status", encoding="ascii") as f:
+            with open(f"/proc/{pid}/status", encoding="ascii") as f:
                 mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigBlk:"))
         except (OSError, StopIteration):
             continue
@@ -534,7 +531,7 @@ def test_sigterm_stops_the_devices_children_and_removes_the_temporary_folder(tmp
             proc.kill()
     assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("python -m mfutils.bench: interrupted")
     assert "Traceback" not in err
-    assert _processes_mentioning(str(scratch)) == [] and list(scratch.iterdir()) == []
+    assert _processes_mentioning(str(scratch)) == {} and list(scratch.iterdir()) == []
 
 
 def test_the_child_watchdog_never_holds_the_interpreters_exit():
